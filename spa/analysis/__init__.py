@@ -1,0 +1,3 @@
+from .coupling import analyze, Analysis, Group, DimKey
+
+__all__ = ["analyze", "Analysis", "Group", "DimKey"]

@@ -1,0 +1,456 @@
+"""The in-memory model: the ONNX protobuf plus what every later stage needs.
+
+We keep the protobuf itself as the IR (the pruned model must be the *same graph* with
+narrower tensors, so editing the proto in place is the most faithful representation) and
+add indices over it: producers, consumers, constants (initializers *and* Constant nodes),
+and inferred shapes. value_info written by exporters is never trusted (jax2onnx writes
+wrong shapes): shapes are re-inferred, and where static inference leaves a dimension
+unknown, one ONNX Runtime run on dummy inputs fills it in.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, TensorProto
+
+from ..errors import SpaError
+
+MIN_OPSET, MAX_OPSET = 11, 23
+#: refuse tensors that declare more elements than this before allocating anything
+MAX_TENSOR_ELEMENTS = 1 << 34
+Dim = int | str | None  # static length, symbolic name, or unknown
+
+
+@dataclass
+class Model:
+    proto: onnx.ModelProto
+    path: str | None = None
+    consts: dict[str, np.ndarray] = field(default_factory=dict)
+    const_node: dict[str, onnx.NodeProto] = field(default_factory=dict)  # Constant-node consts
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    shapes: dict[str, tuple] = field(default_factory=dict)
+    dtypes: dict[str, int] = field(default_factory=dict)
+    nodes: list[onnx.NodeProto] = field(default_factory=list)  # topological order
+
+    # -- queries -----------------------------------------------------------------------
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.proto.graph
+
+    @property
+    def opset(self) -> int:
+        for imp in self.proto.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                return imp.version
+        return 0
+
+    @property
+    def input_names(self) -> list[str]:
+        inits = {t.name for t in self.graph.initializer}
+        return [v.name for v in self.graph.input if v.name not in inits]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [v.name for v in self.graph.output]
+
+    def node_name(self, node: onnx.NodeProto) -> str:
+        return node.name or f"{node.op_type}->{node.output[0] if node.output else '?'}"
+
+    def error(self, reason: str, node: onnx.NodeProto | None = None) -> SpaError:
+        return SpaError(reason, file=self.path,
+                        node=self.node_name(node) if node is not None else None,
+                        op=node.op_type if node is not None else None)
+
+    def is_const(self, name: str) -> bool:
+        return name in self.consts
+
+    def rank(self, name: str) -> int | None:
+        s = self.shapes.get(name)
+        return None if s is None else len(s)
+
+    def static_shape(self, name: str) -> tuple | None:
+        s = self.shapes.get(name)
+        if s is None or any(not isinstance(d, int) for d in s):
+            return None
+        return s
+
+    # -- construction ------------------------------------------------------------------
+    def index(self) -> None:
+        """(Re)build consts, producers, consumers and topological order; validate structure."""
+        g = self.graph
+        self.consts, self.const_node, self.producer, self.consumers = {}, {}, {}, {}
+        for t in g.initializer:
+            _check_tensor_size(self, t)
+            if t.name in self.consts:
+                raise self.error(f"initializer {t.name!r} is defined twice")
+            self.consts[t.name] = _to_array(self, t)
+            self.dtypes[t.name] = t.data_type
+        known = set(self.consts) | {v.name for v in g.input} | {""}
+        for node in g.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                value = _constant_value(self, node)
+                if value is not None:
+                    self.consts[node.output[0]] = value
+                    self.const_node[node.output[0]] = node
+            for out in node.output:
+                if not out:
+                    continue
+                if out in self.producer or out in self.consts and out not in self.const_node \
+                        or out in {v.name for v in g.input}:
+                    raise self.error(f"tensor {out!r} is produced more than once", node)
+                self.producer[out] = node
+        # topological order (graphs are supposed to be sorted, but tolerate unsorted ones)
+        ready = set(known)
+        pending = list(g.node)
+        order: list[onnx.NodeProto] = []
+        while pending:
+            rest = []
+            for node in pending:
+                if all(i in ready for i in node.input):
+                    order.append(node)
+                    ready.update(o for o in node.output if o)
+                else:
+                    rest.append(node)
+            if len(rest) == len(pending):
+                node = rest[0]
+                missing = [i for i in node.input if i not in ready]
+                dangling = [i for i in missing if i not in self.producer]
+                if dangling:
+                    raise self.error(f"input {dangling[0]!r} is not produced by any node, "
+                                     "initializer or graph input", node)
+                raise self.error("the graph has a cycle through this node", node)
+            pending = rest
+        self.nodes = order
+        for node in order:
+            for i in node.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(node)
+        for out in self.output_names:
+            if out not in ready:
+                raise SpaError(f"graph output {out!r} is not produced by any node", file=self.path)
+
+    def infer_shapes(self) -> None:
+        self.shapes, self.dtypes = infer_shapes(self), {**self.dtypes}
+        for k, v in _infer_dtypes(self).items():
+            self.dtypes.setdefault(k, v)
+
+
+# ------------------------------------------------------------------------------------------
+# loading
+
+
+def load(path: str, *, infer: bool = True) -> Model:
+    """Load and validate an ONNX file (initializers, Constant nodes, external data)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SpaError("no such file", file=path)
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise SpaError("the file is empty (0 bytes), not an ONNX model", file=path)
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning-ish errors
+        raise SpaError(f"not a valid ONNX protobuf ({type(exc).__name__}: {exc})", file=path)
+    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+        raise SpaError("the protobuf parsed but holds no ONNX graph (is this an ONNX model?)",
+                       file=path)
+    return from_proto(proto, path=path, base_dir=os.path.dirname(os.path.abspath(path)),
+                      infer=infer)
+
+
+def from_proto(proto: onnx.ModelProto, *, path: str | None = None, base_dir: str | None = None,
+               infer: bool = True) -> Model:
+    model = Model(proto=proto, path=path)
+    _check_opset(model)
+    _load_external(model, base_dir)
+    model.index()
+    if infer:
+        model.infer_shapes()
+    return model
+
+
+def _check_opset(model: Model) -> None:
+    v = model.opset
+    if not v:
+        raise model.error("the model imports no default-domain (ai.onnx) opset")
+    if not MIN_OPSET <= v <= MAX_OPSET:
+        raise model.error(f"opset {v} is not supported (supported: {MIN_OPSET}-{MAX_OPSET}); "
+                          "convert it with onnx.version_converter first")
+
+
+def _external_tensors(model: Model):
+    def walk(graph):
+        for t in graph.initializer:
+            yield t
+        for n in graph.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    yield a.t
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sg in a.graphs:
+                        yield from walk(sg)
+    for t in walk(model.graph):
+        if t.data_location == TensorProto.EXTERNAL:
+            yield t
+
+
+def _load_external(model: Model, base_dir: str | None) -> None:
+    tensors = list(_external_tensors(model))
+    if not tensors:
+        return
+    if base_dir is None:
+        raise model.error("the model has external data but no directory to load it from")
+    root = os.path.realpath(base_dir)
+    for t in tensors:
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if not loc or os.path.isabs(loc) or ".." in loc.replace("\\", "/").split("/"):
+            raise model.error(f"external data location {loc!r} of tensor {t.name!r} escapes the "
+                              "model's directory; refusing to read it")
+        full = os.path.realpath(os.path.join(root, loc))
+        if os.path.commonpath([full, root]) != root:
+            raise model.error(f"external data file {loc!r} of tensor {t.name!r} resolves outside "
+                              "the model's directory (symlink?); refusing to read it")
+        if not os.path.isfile(full):
+            raise model.error(f"external data file {loc!r} for tensor {t.name!r} is missing")
+        _check_tensor_size(model, t)
+        offset, length = int(info.get("offset", 0) or 0), info.get("length")
+        need = _tensor_nbytes(t)
+        if length is not None and int(length) < need:
+            raise model.error(f"external data of tensor {t.name!r} declares {length} bytes but "
+                              f"its shape needs {need}")
+        if os.path.getsize(full) < offset + need:
+            raise model.error(f"external data file {loc!r} is truncated: tensor {t.name!r} needs "
+                              f"bytes {offset}..{offset + need}, the file has "
+                              f"{os.path.getsize(full)}")
+    onnx.external_data_helper.load_external_data_for_model(model.proto, root)
+
+
+_ITEMSIZE = {TensorProto.FLOAT: 4, TensorProto.DOUBLE: 8, TensorProto.FLOAT16: 2,
+             TensorProto.BFLOAT16: 2, TensorProto.INT64: 8, TensorProto.INT32: 4,
+             TensorProto.INT16: 2, TensorProto.INT8: 1, TensorProto.UINT8: 1,
+             TensorProto.BOOL: 1, TensorProto.UINT16: 2, TensorProto.UINT32: 4,
+             TensorProto.UINT64: 8}
+
+
+def _tensor_nbytes(t: TensorProto) -> int:
+    return int(np.prod(t.dims, dtype=np.int64)) * _ITEMSIZE.get(t.data_type, 1)
+
+
+def _check_tensor_size(model: Model, t: TensorProto) -> None:
+    n = 1
+    for d in t.dims:
+        if d < 0:
+            raise model.error(f"tensor {t.name!r} declares a negative dimension {list(t.dims)}")
+        n *= d
+        if n > MAX_TENSOR_ELEMENTS:
+            raise model.error(f"tensor {t.name!r} declares an absurd size {list(t.dims)}; "
+                              "refusing to allocate it")
+    if t.data_location != TensorProto.EXTERNAL and t.HasField("raw_data") \
+            and len(t.raw_data) != _tensor_nbytes(t) and t.data_type in _ITEMSIZE:
+        raise model.error(f"tensor {t.name!r} has {len(t.raw_data)} bytes of data but its "
+                          f"shape {list(t.dims)} needs {_tensor_nbytes(t)}")
+
+
+def _to_array(model: Model, t: TensorProto) -> np.ndarray:
+    try:
+        return numpy_helper.to_array(t)
+    except Exception as exc:
+        raise model.error(f"cannot decode tensor {t.name!r}: {exc}")
+
+
+def _constant_value(model: Model, node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            _check_tensor_size(model, a.t)
+            return _to_array(model, a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# shapes
+
+
+def _dims_of(tp: onnx.TypeProto) -> tuple | None:
+    if not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for d in tp.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(str(d.dim_param))
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def _skeleton(model: Model) -> onnx.ModelProto:
+    """The model without its big weights: big initializers become typed graph inputs, so
+    that shape inference does not serialise hundreds of MB while small integer constants
+    (shape operands) stay visible to data propagation."""
+    g = model.graph
+    sk = onnx.ModelProto()
+    sk.ir_version = model.proto.ir_version
+    sk.opset_import.extend(model.proto.opset_import)
+    sk.functions.extend(model.proto.functions)
+    sg = sk.graph
+    sg.name = g.name
+    sg.node.extend(g.node)
+    init_names = {t.name for t in g.initializer}
+    sg.input.extend(v for v in g.input if v.name not in init_names)
+    for t in g.initializer:
+        small = int(np.prod(t.dims, dtype=np.int64)) <= 64 or (
+            t.data_type in (TensorProto.INT64, TensorProto.INT32)
+            and int(np.prod(t.dims, dtype=np.int64)) <= 4096)
+        if small:
+            sg.initializer.append(t)
+        else:
+            sg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    sg.output.extend(g.output)
+    return sk
+
+
+def infer_shapes(model: Model) -> dict[str, tuple]:
+    shapes: dict[str, tuple] = {}
+    for name, arr in model.consts.items():
+        shapes[name] = tuple(int(d) for d in arr.shape)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False,
+                                                     data_prop=True)
+        vis = list(inferred.graph.value_info) + list(inferred.graph.input) + \
+            list(inferred.graph.output)
+    except Exception:  # inference is best effort: the ORT fallback below fills the gaps
+        vis = list(model.graph.input) + list(model.graph.output)
+    # graph inputs/outputs keep their declared shapes (they define the interface)
+    declared = {v.name: _dims_of(v.type) for v in list(model.graph.input) +
+                list(model.graph.output)}
+    for v in vis:
+        d = _dims_of(v.type)
+        if d is not None and v.name not in model.consts:
+            shapes[v.name] = d
+    for k, d in declared.items():
+        if d is not None and k not in model.consts:
+            prev = shapes.get(k)
+            if prev is None or len(prev) != len(d):
+                shapes[k] = d
+            else:  # prefer the concrete one of (declared, inferred) per axis
+                shapes[k] = tuple(a if isinstance(a, int) else b for a, b in zip(d, prev))
+    unknown = [o for n in model.nodes for o in n.output
+               if o and o not in model.consts and
+               (shapes.get(o) is None or any(x is None for x in shapes[o]))]
+    if unknown:
+        shapes.update(_runtime_shapes(model, unknown, shapes))
+    return shapes
+
+
+def _runtime_shapes(model: Model, names: list[str], shapes: dict) -> dict[str, tuple]:
+    """Fill unknown shapes by running the model twice on dummy inputs whose symbolic
+    dimensions differ (2 and 3): an axis whose length is equal in both runs is static."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {}
+    from ..runtime import dummy_inputs, session_for
+    m = onnx.ModelProto()
+    m.CopyFrom(model.proto)
+    del m.graph.value_info[:]
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.ValueInfoProto(name=n))
+    runs = []
+    try:
+        sess = session_for(m)
+        out_names = [o.name for o in sess.get_outputs()]
+        for sym in (2, 3):
+            feeds = dummy_inputs(model, sym_value=sym, seed=0)
+            runs.append(dict(zip(out_names, sess.run(out_names, feeds))))
+    except Exception:
+        return {}
+    result = {}
+    for n in names:
+        if n not in runs[0] or n not in runs[1]:
+            continue
+        a, b = np.shape(runs[0][n]), np.shape(runs[1][n])
+        if len(a) != len(b):
+            continue
+        prev = shapes.get(n)
+        dims = []
+        for k, (x, y) in enumerate(zip(a, b)):
+            if x == y:
+                dims.append(int(x))
+            else:
+                p = prev[k] if prev is not None and len(prev) == len(a) else None
+                dims.append(p if isinstance(p, str) else f"spa_dyn_{n}_{k}")
+        result[n] = tuple(dims)
+    return result
+
+
+def _infer_dtypes(model: Model) -> dict[str, int]:
+    out = {}
+    for v in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        if v.type.HasField("tensor_type"):
+            out[v.name] = v.type.tensor_type.elem_type
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# saving
+
+
+def save_atomic(proto: onnx.ModelProto, path: str, *, external_data: bool | None = None) -> None:
+    """Write next to the target and rename: no partial file survives a failure. Models over
+    1.8 GB are written with external data (one file beside the model)."""
+    path = os.path.abspath(path)
+    d = os.path.dirname(path)
+    if not os.path.isdir(d):
+        raise SpaError("the output directory does not exist", file=path)
+    if external_data is None:
+        external_data = proto.ByteSize() > 1_800_000_000
+    fd, tmp = tempfile.mkstemp(prefix=".spa-", suffix=".onnx.tmp", dir=d)
+    os.close(fd)
+    try:
+        if external_data:
+            data_name = os.path.basename(path) + ".data"
+            tmp_data = os.path.join(d, "." + data_name + ".tmp")
+            m = onnx.ModelProto()
+            m.CopyFrom(proto)
+            onnx.external_data_helper.convert_model_to_external_data(
+                m, all_tensors_to_one_file=True, location=os.path.basename(tmp_data),
+                size_threshold=1024)
+            onnx.save_model(m, tmp)
+            # point the model at the final data file name, then move both into place
+            for t in _external_tensors(Model(proto=m)):
+                for e in t.external_data:
+                    if e.key == "location":
+                        e.value = data_name
+            onnx.save_model(m, tmp, save_as_external_data=False)
+            os.replace(tmp_data, os.path.join(d, data_name))
+        else:
+            with open(tmp, "wb") as f:
+                f.write(proto.SerializeToString(deterministic=True))
+        os.replace(tmp, path)
+    except BaseException:
+        for p in (tmp,):
+            if os.path.exists(p):
+                os.unlink(p)
+        raise
+

@@ -1,0 +1,174 @@
+"""Helpers shared by the rules: broadcasting, axis bookkeeping, shape-value provenance."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def norm_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def same(n, c, a: str | None, b: str | None) -> None:
+    """Couple every axis of a with the same axis of b (elementwise ops)."""
+    if a is None or b is None:
+        return
+    ra, rb = n.rank(a), n.rank(b)
+    if ra is None or rb is None or ra != rb:
+        return
+    for k in range(ra):
+        c.couple((a, k), (b, k))
+
+
+def broadcast(n, c, inputs: list[str | None], out: str | None) -> None:
+    """numpy broadcasting: right-aligned axes of equal length are the same channels."""
+    ro = n.rank(out)
+    if ro is None:
+        return
+    for t in inputs:
+        if t is None:
+            continue
+        rt = n.rank(t)
+        if rt is None:
+            continue
+        for k in range(rt):
+            c.couple((t, k), (out, ro - rt + k))
+
+
+def touch(c, t: str | None, axes=None) -> None:
+    """Mark axes as handled without coupling them (e.g. read only for their length)."""
+    if t is None:
+        return
+    r = c.model.rank(t)
+    for k in (range(r or 0) if axes is None else axes):
+        c.touched.add((t, k))
+
+
+def freeze_axes(n, c, t: str | None, axes, reason: str, structural: bool = False) -> None:
+    if t is None:
+        return
+    for k in axes:
+        c.freeze((t, k), reason, structural)
+
+
+# ------------------------------------------------------------------------------------------
+# shape-value provenance: where each element of a 1-D int tensor (a Reshape target, an
+# Expand shape) comes from. ('const', name, index, value): a literal in a constant;
+# ('dim', tensor, axis): the runtime length of an axis (it follows pruning by itself);
+# None: computed in a way we do not follow.
+
+_FOLLOW = {"Identity", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten"}
+
+
+def shape_source(model, t: str | None):
+    if t is None:
+        return None
+    cache = model.__dict__.setdefault("_shape_src", {})
+    if t in cache:
+        return cache[t]
+    cache[t] = None  # cycles resolve to unknown
+    cache[t] = _shape_source(model, t)
+    return cache[t]
+
+
+def _numel(model, t):
+    s = model.shapes.get(t)
+    if s is None or any(not isinstance(d, int) for d in s):
+        return None
+    return int(np.prod(s)) if s else 1
+
+
+def _shape_source(model, t):
+    if t in model.consts:
+        a = model.consts[t]
+        if not np.issubdtype(a.dtype, np.integer) or a.ndim > 1 or a.size > 64:
+            return None
+        return [("const", t, i, int(v)) for i, v in enumerate(a.reshape(-1))]
+    node = model.producer.get(t)
+    if node is None:
+        return None
+    from .registry import Node
+    n = Node(node, model)
+    op = node.op_type
+    if op == "Shape":
+        r = n.rank(n.i(0))
+        if r is None:
+            return None
+        start, end = n.attr("start", 0), n.attr("end", r)
+        start, end = max(0, norm_axis(start, r)), min(r, norm_axis(end, r))
+        return [("dim", n.i(0), a) for a in range(start, end)]
+    if op in _FOLLOW:
+        return shape_source(model, n.i(0))
+    if op == "Concat":
+        out = []
+        for x in node.input:
+            s = shape_source(model, x)
+            if s is None:
+                k = _numel(model, x)
+                if k is None:
+                    return None
+                s = [None] * k
+            out.extend(s)
+        return out
+    if op == "Gather":
+        s, idx = shape_source(model, n.i(0)), n.const(1)
+        if s is None or idx is None:
+            return None
+        try:
+            return [s[int(i)] for i in np.atleast_1d(idx).reshape(-1)]
+        except IndexError:
+            return None
+    if op == "Slice":
+        s = shape_source(model, n.i(0))
+        st, en = n.const(1), n.const(2)
+        steps = n.const(4) if n.i(4) else None
+        if s is None or st is None or en is None:
+            return None
+        step = int(steps[0]) if steps is not None else 1
+        return s[slice(int(st[0]), int(min(en[0], 1 << 30)), step)]
+    k = _numel(model, t)
+    return None if k is None else [None] * k
+
+
+def target_axes_rule(n, c, shape_input: int, out: str, offset: int = 0) -> None:
+    """For an op whose output axis k has the length given by element k of a shape operand
+    (Reshape, Expand, ConstantOfShape): follow runtime lengths, rewrite literals, and
+    freeze what is computed in ways we cannot rewrite."""
+    src = shape_source(n.model, n.i(shape_input))
+    r = n.rank(out)
+    if r is None:
+        return
+    for k in range(r):
+        e = k - offset
+        s = src[e] if src is not None and 0 <= e < len(src) else None
+        if s is None:
+            if src is None or 0 <= e < len(src):
+                c.freeze((out, k), "its length comes from a shape computed at runtime")
+        elif s[0] == "dim":
+            c.couple((s[1], s[2]), (out, k))
+        elif s[1] != n.i(shape_input) and s[3] not in (0, -1, 1):
+            c.literal(s[1], s[2], (out, k))
+
+
+def rewrite_target(n, s, shape_input: int, out: str, offset: int = 0) -> None:
+    """Shrink-time partner of target_axes_rule: write the new lengths into literals."""
+    name = n.i(shape_input)
+    src = shape_source(n.model, name)
+    if src is None:
+        return
+    r = n.rank(out)
+    direct = n.model.consts.get(name)
+    new = None if direct is None else direct.copy()
+    for k in range(r):
+        e = k - offset
+        if not 0 <= e < len(src) or src[e] is None or src[e][0] != "const":
+            continue
+        old, now = s.old_len((out, k)), s.new_len((out, k))
+        _, cname, idx, value = src[e]
+        if old == now or value != old:
+            continue
+        if cname == name and new is not None:
+            new.reshape(-1)[idx] = now
+        else:
+            s.set_const_elem(cname, idx, now)
+    if new is not None and not np.array_equal(new, direct):
+        s.set_input(n, shape_input, new)

@@ -1,0 +1,3 @@
+from .apply import apply_plan
+
+__all__ = ["apply_plan"]

@@ -1,0 +1,71 @@
+"""ONNX Runtime helpers shared by shape inference, the oracle and benchmarks."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from .errors import SpaError
+
+_NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
+       TensorProto.FLOAT16: np.float16, TensorProto.INT64: np.int64, TensorProto.INT32: np.int32,
+       TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.BOOL: np.bool_}
+
+
+def session_for(proto: onnx.ModelProto, providers: list[str] | None = None, threads: int = 0):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(proto.SerializeToString(), opts,
+                                providers=providers or ["CPUExecutionProvider"])
+
+
+def index_bound(model, name: str) -> int | None:
+    """Largest safe value for an integer input: the smallest table it indexes (Gather)."""
+    bound = None
+    frontier, seen = [name], set()
+    while frontier:
+        t = frontier.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for node in model.consumers.get(t, []):
+            if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == t:
+                shape = model.shapes.get(node.input[0])
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                if shape and isinstance(shape[axis], int):
+                    bound = shape[axis] if bound is None else min(bound, shape[axis])
+            elif node.op_type in ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze",
+                                  "Flatten"):
+                frontier.append(node.output[0])
+    return bound
+
+
+def dummy_inputs(model, *, sym_value: int = 2, seed: int = 0, batch: int | None = None) -> dict:
+    """Seeded random feeds for every graph input; symbolic dimensions get `sym_value`."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for v in model.graph.input:
+        if v.name in model.consts:
+            continue
+        tt = v.type.tensor_type
+        dims = []
+        for k, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(d.dim_value)
+            else:
+                dims.append(batch if (batch and k == 0) else sym_value)
+        dtype = _NP.get(tt.elem_type)
+        if dtype is None:
+            raise SpaError(f"graph input {v.name!r} has an unsupported element type "
+                           f"{onnx.TensorProto.DataType.Name(tt.elem_type)}", file=model.path)
+        if np.issubdtype(dtype, np.floating):
+            feeds[v.name] = rng.standard_normal(dims).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[v.name] = rng.random(dims) < 0.5
+        else:
+            hi = index_bound(model, v.name) or 2
+            feeds[v.name] = rng.integers(0, hi, size=dims).astype(dtype)
+    return feeds

@@ -1,0 +1,3 @@
+from .local import uniform
+
+__all__ = ["uniform"]

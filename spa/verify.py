@@ -1,0 +1,116 @@
+"""The masked-equivalence oracle.
+
+A pruned model P must equal the original O in which the removed channels are silenced.
+We build that masked O generically: after every node, each output tensor is multiplied by
+a 0/1 mask over its pruned axes. For exact groups P's outputs must then match the masked
+O's to 1e-5 (relative); for approximate groups (the channels pass a normalisation over the
+channel axis) the deviation is reported instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, TensorProto
+
+from .runtime import dummy_inputs, session_for
+
+_MASKABLE = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
+             TensorProto.FLOAT16: np.float16, TensorProto.INT64: np.int64,
+             TensorProto.INT32: np.int32}
+TOLERANCE = 1e-5
+
+
+@dataclass
+class VerifyResult:
+    exact: bool                       # every pruned group is exact
+    max_rel_error: float              # pruned vs masked original, worst output
+    max_rel_change: float             # pruned vs unmasked original (the pruning's effect)
+    outputs: dict = field(default_factory=dict)
+    tolerance: float = TOLERANCE
+    approximate_groups: list = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool | None:
+        """True/False for exact plans; None (report only) for approximate ones."""
+        if not self.exact:
+            return None
+        return bool(self.max_rel_error <= self.tolerance)
+
+    def to_json(self) -> dict:
+        return {"exact": self.exact, "passed": self.passed, "tolerance": self.tolerance,
+                "max_rel_error": self.max_rel_error, "max_rel_change": self.max_rel_change,
+                "approximate_groups": self.approximate_groups, "outputs": self.outputs}
+
+
+def masked_model(model, kept: dict) -> onnx.ModelProto:
+    """The original model with every pruned element forced to zero after each node."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    g = proto.graph
+    by_tensor: dict[str, list] = {}
+    for (t, ax), idx in kept.items():
+        if t not in model.consts and t in model.producer:
+            by_tensor.setdefault(t, []).append((ax, idx))
+    new_nodes = []
+    for node in g.node:
+        new_nodes.append(node)
+        for j, out in enumerate(node.output):
+            if out not in by_tensor:
+                continue
+            dtype = _MASKABLE.get(model.dtypes.get(out, TensorProto.FLOAT))
+            if dtype is None:
+                continue
+            shape = model.shapes[out]
+            mshape = [1] * len(shape)
+            mask = np.ones(mshape, dtype=dtype)
+            for ax, idx in by_tensor[out]:
+                v = np.zeros(shape[ax], dtype=dtype)
+                v[idx] = 1
+                mshape2 = [1] * len(shape)
+                mshape2[ax] = shape[ax]
+                mask = mask * v.reshape(mshape2)
+            pre = f"{out}__spa_premask"
+            node.output[j] = pre
+            mname = f"{out}__spa_mask"
+            g.initializer.append(numpy_helper.from_array(mask.astype(dtype), mname))
+            new_nodes.append(onnx.helper.make_node("Mul", [pre, mname], [out],
+                                                   name=f"{out}__spa_masknode"))
+    del g.node[:]
+    g.node.extend(new_nodes)
+    del g.value_info[:]
+    return proto
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    if a.size == 0:
+        return 0.0
+    scale = max(np.abs(b).max(), 1e-12)
+    return float(np.abs(a - b).max() / scale)
+
+
+def verify(model, pruned: onnx.ModelProto, analysis, plan, *, seed: int = 0,
+           batches: int = 2) -> VerifyResult:
+    kept = plan.kept_indices(analysis)
+    approx = plan.touches_approximate(analysis)
+    s_orig = session_for(model.proto)
+    s_mask = session_for(masked_model(model, kept))
+    s_pruned = session_for(pruned)
+    names = [o.name for o in s_orig.get_outputs()]
+    worst, change, per = 0.0, 0.0, {}
+    for b in range(batches):
+        feeds = dummy_inputs(model, seed=seed + b, sym_value=2)
+        o = s_orig.run(names, feeds)
+        m = s_mask.run(names, feeds)
+        p = s_pruned.run(names, feeds)
+        for name, oo, mm, pp in zip(names, o, m, p):
+            e, ch = _rel(pp, mm), _rel(pp, oo)
+            per[name] = {"rel_error": max(e, per.get(name, {}).get("rel_error", 0.0)),
+                         "rel_change": max(ch, per.get(name, {}).get("rel_change", 0.0))}
+            worst, change = max(worst, e), max(change, ch)
+    return VerifyResult(exact=not approx, max_rel_error=worst, max_rel_change=change,
+                        outputs=per, approximate_groups=approx)
