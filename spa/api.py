@@ -1,0 +1,78 @@
+"""The library API: what the CLI does, callable from Python on ONNX files."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import onnx
+
+from . import cost
+from .analysis import analyze, Analysis
+from .criteria import score
+from .errors import SpaError, UsageError
+from .ir import load, save_atomic
+from .ir.model import from_proto
+from .plan import Plan
+from .rewrite.apply import apply_plan, check
+from .select import uniform
+from .verify import verify as _verify, VerifyResult
+
+
+@dataclass
+class PruneResult:
+    plan: Plan
+    proto: onnx.ModelProto
+    analysis: Analysis
+    before: dict
+    after: dict
+    verify: VerifyResult | None = None
+
+    def report(self) -> dict:
+        return {"plan": self.plan.to_json(), "before": self.before, "after": self.after,
+                "verify": self.verify.to_json() if self.verify else None,
+                "groups_pruned": len(self.plan.keep),
+                "groups_total": len(self.analysis.groups)}
+
+
+def stats(model) -> dict:
+    return {"params": cost.params(model), "macs": cost.macs(model)}
+
+
+def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to: int = 1,
+              seed: int = 0, exact_only: bool = False) -> Plan:
+    if not 0.0 <= ratio < 1.0:
+        raise UsageError(f"--ratio must be in [0, 1), got {ratio}")
+    if round_to < 1:
+        raise UsageError(f"--round-to must be >= 1, got {round_to}")
+    scores = score(analysis, criterion, seed=seed)
+    return uniform(analysis, scores, ratio, round_to=round_to, exact_only=exact_only,
+                   criterion=criterion, options={"seed": seed})
+
+
+def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1,
+          seed: int = 0, plan: Plan | None = None, do_verify: bool = False,
+          exact_only: bool = False, progress=None) -> PruneResult:
+    """Analyze, plan (or take the given plan), rewrite and optionally verify a model."""
+    if isinstance(model, (str, os.PathLike)):
+        model = load(model)
+    analysis = analyze(model, progress=progress)
+    if plan is None:
+        plan = make_plan(model, analysis, ratio=ratio, criterion=criterion, round_to=round_to,
+                         seed=seed, exact_only=exact_only)
+    proto = apply_plan(model, analysis, plan)
+    check(proto, model.path)
+    pruned = from_proto(proto, path=model.path, infer=True)
+    result = PruneResult(plan, proto, analysis, stats(model), stats(pruned))
+    if do_verify:
+        result.verify = _verify(model, proto, analysis, plan)
+    return result
+
+
+def save(proto: onnx.ModelProto, path: str, *, source: str | None = None) -> None:
+    if source and os.path.exists(path) and os.path.samefile(path, source):
+        raise UsageError("the output path is the input file; SPA never overwrites its input",
+                         file=path)
+    save_atomic(proto, path)
+
+
+__all__ = ["load", "analyze", "prune", "make_plan", "save", "stats", "Plan", "SpaError"]
