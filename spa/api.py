@@ -60,7 +60,7 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
         plan = make_plan(model, analysis, ratio=ratio, criterion=criterion, round_to=round_to,
                          seed=seed, exact_only=exact_only)
     proto = apply_plan(model, analysis, plan)
-    check(proto, model.path)
+    check(proto, model.proto, model.path)
     pruned = from_proto(proto, path=model.path, infer=True)
     result = PruneResult(plan, proto, analysis, stats(model), stats(pruned))
     if do_verify:

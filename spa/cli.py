@@ -146,7 +146,6 @@ def _infer_plan(model, pruned, ana):
     import numpy as np
     keep = {}
     for g in ana.groups:
-        chans = ana.group_chans[g.id]
         for m in g.members:
             if not m["const"] or m["tensor"] not in pruned.consts:
                 continue
@@ -175,7 +174,6 @@ def _infer_plan(model, pruned, ana):
             raise SpaError(f"cannot tell which channels of group {g.id} were kept; pass the "
                            "plan with --plan", file=pruned.path)
     keep = {g: k for g, k in keep.items() if len(k) < ana.groups[g].channels}
-    del chans
     return Plan(keep, {g: ana.groups[g].channels for g in keep}, "inferred", {},
                 model_sha256(model))
 

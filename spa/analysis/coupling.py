@@ -312,11 +312,47 @@ def analyze(model, progress=None) -> Analysis:
     return _resolve(model, c, opaque)
 
 
+def _unify_products(c: Coupler, label: np.ndarray) -> list:
+    seen: dict[tuple, tuple] = {}   # (class, factor lengths) -> (product, merged index)
+    edges = []
+    for k, p in enumerate(c.products):
+        dm = c.dims[p.merged]
+        lens = tuple(c.length[c.dims[f]] for f in p.factors)
+        cls = label[c.base[dm]:c.base[dm] + c.length[dm]]
+        for j, cl in enumerate(cls.tolist()):
+            first = seen.setdefault((cl, lens), (k, j))
+            if first == (k, j):
+                continue
+            q, i = first
+            if q == k:
+                continue
+            ui = np.unravel_index(i, lens)
+            uj = np.unravel_index(j, lens)
+            for fq, fk, a, b in zip(c.products[q].factors, p.factors, ui, uj):
+                ea = c.base[c.dims[fq]] + int(a)
+                eb = c.base[c.dims[fk]] + int(b)
+                if label[ea] != label[eb]:
+                    edges.append((np.array([ea]), np.array([eb])))
+                    da, db = c.dims[fq], c.dims[fk]
+                    if da != db:
+                        c.d_edges.add((min(da, db), max(da, db)))
+    return edges
+
+
 def _resolve(model, c: Coupler, opaque: list[dict]) -> Analysis:
     n_dims = len(c.keys)
     src = np.concatenate(c.e_src) if c.e_src else np.zeros(0, np.int64)
     dst = np.concatenate(c.e_dst) if c.e_dst else np.zeros(0, np.int64)
     label = _components(c.n_elems, src, dst)
+    # the same merged channels built twice from alike factors (K and V expanded the same
+    # way for grouped-query attention): their factors are the same channels
+    for _ in range(8):
+        extra = _unify_products(c, label)
+        if not extra:
+            break
+        src = np.concatenate([src] + [a for a, _ in extra])
+        dst = np.concatenate([dst] + [b for _, b in extra])
+        label = _components(c.n_elems, src, dst)
     n_classes = int(label.max()) + 1 if len(label) else 0
     de = np.array(sorted(c.d_edges), dtype=np.int64).reshape(-1, 2)
     comp = _components(n_dims, de[:, 0], de[:, 1])
@@ -343,7 +379,7 @@ def _resolve(model, c: Coupler, opaque: list[dict]) -> Analysis:
     pf = [[int(comp[c.dims[f]]) for f in p.factors] for p in prods]
 
     # merged classes derived by more than one product: their factors are frozen
-    derived_by: dict[int, set[int]] = {}
+    derived_by: dict[int, dict[tuple, int]] = {}
     elems = []
     for k, p in enumerate(prods):
         dm = c.dims[p.merged]
@@ -352,10 +388,11 @@ def _resolve(model, c: Coupler, opaque: list[dict]) -> Analysis:
         unr = np.unravel_index(np.arange(lm), [c.length[c.dims[f]] for f in p.factors])
         fcls = [label[c.base[c.dims[f]] + u] for f, u in zip(p.factors, unr)]
         elems.append((cls, fcls))
-        for cl in np.unique(cls):
-            derived_by.setdefault(int(cl), set()).add(k)
-    for cl, ks in derived_by.items():
-        if len(ks) > 1:
+        for j, cl in enumerate(cls.tolist()):
+            derived_by.setdefault(cl, {})[tuple(int(f[j]) for f in fcls)] = k
+    for cl, how in derived_by.items():
+        if len(how) > 1:  # the same channels built from different factor channels
+            ks = set(how.values())
             for k in ks:
                 for fc in pf[k]:
                     if not frozen[fc]:

@@ -365,7 +365,7 @@ def _runtime_shapes(model: Model, names: list[str], shapes: dict) -> dict[str, t
     """Fill unknown shapes by running the model twice on dummy inputs whose symbolic
     dimensions differ (2 and 3): an axis whose length is equal in both runs is static."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError:
         return {}
     from ..runtime import dummy_inputs, session_for

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import norm_axis, touch, same
+from .common import norm_axis, touch
 from .registry import rule
 
 
@@ -164,14 +164,13 @@ def _gather_shrink(n, s):
     new_pos[kept] = np.arange(len(kept))
     norm = np.where(idx < 0, idx + s.old_len((x, axis)), idx)
     y = n.o(0)
-    ry, ri = n.rank(y), idx.ndim
+    ri = idx.ndim
     if ri == 1:
         ykept = s.kept((y, axis))
         sel = norm if ykept is None else norm[ykept]
     else:
         sel = norm
     s.set_input(n, 1, new_pos[sel].astype(idx.dtype))
-    del ry
 
 
 @rule("Gather", shrink=_gather_shrink)
@@ -199,4 +198,3 @@ def gather(n, c):
         for k in range(r):
             if k != axis:
                 c.role((x, k), "embedding")
-    del same

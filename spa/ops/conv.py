@@ -53,7 +53,7 @@ def conv(n, c):
     _spatial(n, c, x, w, y)
     g = n.attr("group", 1)
     sw = n.shape(w)
-    cin, cout = n.shape(x)[1], n.shape(y)[1]
+    cout = n.shape(y)[1]
     c.couple((w, 0), (y, 1))
     c.role((w, 0), "out")
     c.role((w, 1), "in")
@@ -76,7 +76,6 @@ def conv(n, c):
                  "in every group)")
         c.product((x, 1), [groups, (w, 1)], policy="all")
         c.product((y, 1), [groups, c.virtual("per_group_out", cout_g)], policy="all")
-    del cin
 
 
 @rule("ConvTranspose", shrink=_conv_shrink, macs=_convt_macs)

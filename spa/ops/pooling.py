@@ -3,8 +3,6 @@ kept; reducing or normalising over a pruned axis is exact (sums) or approximate 
 maxima, softmax)."""
 from __future__ import annotations
 
-import numpy as np
-
 from .common import norm_axis, touch, freeze_axes, rewrite_target
 from .registry import rule
 
@@ -178,4 +176,3 @@ def quant(n, c):
             c.role((t, 0), "quant")
         else:
             touch(c, t or None)
-    del np

@@ -2,8 +2,6 @@
 permutes them, Squeeze/Unsqueeze insert or drop length-1 axes, Expand/Tile broadcast."""
 from __future__ import annotations
 
-import numpy as np
-
 from .common import norm_axis, rewrite_target, target_axes_rule, touch, freeze_axes
 from .registry import rule
 
@@ -187,4 +185,3 @@ def constant_of_shape(n, c):
     """ConstantOfShape: output axis k has the length given by element k of the input."""
     target_axes_rule(n, c, 0, n.o(0))
     touch(c, n.i(0))
-    del np
