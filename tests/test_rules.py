@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto
 
 import spa
-from graphs import G, load_proto, oracle
+from models.synthetic import G, load_proto, oracle
 
 
 def groups_of(proto):

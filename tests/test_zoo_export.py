@@ -121,3 +121,18 @@ def test_models_list_imports_no_framework():
     for r in rows:
         if r["framework"] == "paddle":
             assert Path(r["path"]).is_file()
+
+
+def test_trained_sidecars_are_listed(tmp_path):
+    from models.registry import REPO_ROOT, trained_entries
+
+    (tmp_path / "m.json").write_text(json.dumps({
+        "name": "m", "framework": "torch", "family": "resnet-basic", "input_shape": [1, 1, 28, 28],
+        "accuracy": 0.91, "path": "models/trained/m.onnx"}))
+    (entry,) = trained_entries(tmp_path)
+    row = entry.to_json()
+    assert row["trained"] is True and row["accuracy"] == 0.91
+    assert row["path"] == str(REPO_ROOT / "models/trained/m.onnx")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bad.json"):
+        list(trained_entries(tmp_path))

@@ -1,4 +1,6 @@
-"""A tiny graph builder for rule tests and property tests, plus the oracle check."""
+"""Synthetic ONNX models built directly with onnx.helper (no framework needed): a small
+graph builder for rule tests and property tests, the oracle check used by the tests, and
+generators of ResNet-50-, BERT- and LLM-shaped models for benchmarks."""
 from __future__ import annotations
 
 import os
