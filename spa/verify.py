@@ -63,19 +63,20 @@ def masked_model(model, kept: dict) -> onnx.ModelProto:
             if dtype is None:
                 continue
             shape = model.shapes[out]
-            mshape = [1] * len(shape)
-            mask = np.ones(mshape, dtype=dtype)
+            mask = np.ones([1] * len(shape), dtype=bool)
             for ax, idx in by_tensor[out]:
-                v = np.zeros(shape[ax], dtype=dtype)
-                v[idx] = 1
-                mshape2 = [1] * len(shape)
-                mshape2[ax] = shape[ax]
-                mask = mask * v.reshape(mshape2)
+                v = np.zeros(shape[ax], dtype=bool)
+                v[idx] = True
+                mshape = [1] * len(shape)
+                mshape[ax] = shape[ax]
+                mask = mask & v.reshape(mshape)
             pre = f"{out}__spa_premask"
             node.output[j] = pre
-            mname = f"{out}__spa_mask"
-            g.initializer.append(numpy_helper.from_array(mask.astype(dtype), mname))
-            new_nodes.append(onnx.helper.make_node("Mul", [pre, mname], [out],
+            mname, zname = f"{out}__spa_mask", f"{out}__spa_zero"
+            g.initializer.append(numpy_helper.from_array(mask, mname))
+            g.initializer.append(numpy_helper.from_array(np.zeros((), dtype=dtype), zname))
+            # Where, not Mul: a masked -inf (attention masks) must become 0, not NaN
+            new_nodes.append(onnx.helper.make_node("Where", [mname, pre, zname], [out],
                                                    name=f"{out}__spa_masknode"))
     del g.node[:]
     g.node.extend(new_nodes)
@@ -89,8 +90,16 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
         return float("inf")
     if a.size == 0:
         return 0.0
-    scale = max(np.abs(b).max(), 1e-12)
-    return float(np.abs(a - b).max() / scale)
+    na, nb = np.isnan(a), np.isnan(b)
+    if (na != nb).any():
+        return float("inf")
+    ok = ~na & np.isfinite(b)
+    if (np.isinf(a) != np.isinf(b)).any() or (np.isinf(a) & (a != b)).any():
+        return float("inf")
+    if not ok.any():
+        return 0.0
+    scale = max(np.abs(b[ok]).max(), 1e-12)
+    return float(np.abs(a[ok] - b[ok]).max() / scale)
 
 
 def verify(model, pruned: onnx.ModelProto, analysis, plan, *, seed: int = 0,
