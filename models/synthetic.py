@@ -111,3 +111,117 @@ def save_tmp(proto: onnx.ModelProto, d: str | None = None, name: str = "m.onnx")
     p = os.path.join(d, name)
     onnx.save(proto, p)
     return p
+
+
+# ------------------------------------------------------------------------------------------
+# benchmark-sized models (benchmarks/engine.py): real topologies, seeded random weights
+
+
+def _he(g: G, *shape) -> str:
+    """A weight with He-normal scale (fan-in = product of all but the first axis)."""
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
+    return g.w(*shape, scale=float(np.sqrt(2.0 / max(fan_in, 1))))
+
+
+def _conv_bn(g: G, x: str, cin: int, cout: int, k: int, stride: int = 1,
+             relu: bool = True) -> str:
+    """Conv (no bias) -> BatchNormalization [-> Relu], as torchvision exports it."""
+    y = g.op("Conv", [x, _he(g, cout, cin, k, k)], kernel_shape=[k, k], pads=[k // 2] * 4,
+             strides=[stride, stride])
+    y = g.bn(y, cout)
+    return g.op("Relu", [y]) if relu else y
+
+
+def resnet50_like(image: int = 224, classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
+    """ResNet-50 v1.5 topology (bottlenecks 3-4-6-3, widths 64..2048, stride on the 3x3,
+    projection shortcuts), input [batch, 3, image, image], ~25.6 M parameters."""
+    g = G(opset=18, seed=seed)
+    x = g.input(["batch", 3, image, image], name="input")
+    y = _conv_bn(g, x, 3, 64, 7, stride=2)
+    y = g.op("MaxPool", [y], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])
+    cin = 64
+    for stage, (blocks, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
+        for b in range(blocks):
+            stride = 2 if b == 0 and stage > 0 else 1
+            cout = width * 4
+            h = _conv_bn(g, y, cin, width, 1)
+            h = _conv_bn(g, h, width, width, 3, stride=stride)
+            h = _conv_bn(g, h, width, cout, 1, relu=False)
+            short = _conv_bn(g, y, cin, cout, 1, stride=stride, relu=False) \
+                if b == 0 else y
+            y = g.op("Relu", [g.op("Add", [h, short])])
+            cin = cout
+    y = g.op("Flatten", [g.op("GlobalAveragePool", [y])], axis=1)
+    y = g.op("Gemm", [y, g.w(classes, cin, scale=0.02), g.w(classes, scale=0.0)], transB=1)
+    g.output(y)
+    return g.model()
+
+
+def _linear(g: G, x: str, din: int, dout: int) -> str:
+    return g.op("Add", [g.op("MatMul", [x, g.w(din, dout, scale=0.02)]), g.w(dout, scale=0.02)])
+
+
+def _layer_norm(g: G, x: str, d: int) -> str:
+    return g.op("LayerNormalization", [x, g.w(d, scale=0.1, positive=True), g.w(d, scale=0.02)],
+                axis=-1, epsilon=1e-12)
+
+
+def bert_base_like(layers: int = 12, hidden: int = 768, heads: int = 12, ffn: int = 3072,
+                   seq: int = 128, vocab: int = 30522, classes: int = 2,
+                   seed: int = 0) -> onnx.ModelProto:
+    """BERT-base encoder as HF exports it: word + position + token-type embeddings
+    (Gather), LayerNorm, per layer hand-written multi-head attention (Q/K/V MatMul + bias,
+    Reshape to heads, Transpose, scaled scores + additive mask, Softmax) and an erf-GELU
+    FFN, post-LN residuals; pooler (first token, dense, Tanh) and a classifier.
+    Inputs input_ids / token_type_ids [batch, seq] int64, attention_mask [batch, 1, 1, seq]
+    float (additive); ~110 M parameters at the defaults."""
+    g = G(opset=18, seed=seed)
+    dh = hidden // heads
+    ids = g.input(["batch", seq], TensorProto.INT64, name="input_ids")
+    tt = g.input(["batch", seq], TensorProto.INT64, name="token_type_ids")
+    mask = g.input(["batch", 1, 1, seq], name="attention_mask")
+    x = g.op("Gather", [g.w(vocab, hidden, scale=0.02), ids])
+    pos = g.op("Gather", [g.w(512, hidden, scale=0.02), g.const(np.arange(seq, dtype=np.int64))])
+    x = g.op("Add", [g.op("Add", [x, pos]), g.op("Gather", [g.w(2, hidden, scale=0.02), tt])])
+    x = _layer_norm(g, x, hidden)
+    split = g.ints(0, 0, heads, dh)
+    merge = g.ints(0, 0, hidden)
+    scale = g.const(np.float32(dh ** -0.5))
+    half, one = g.const(np.float32(0.5)), g.const(np.float32(1.0))
+    rsqrt2 = g.const(np.float32(2 ** -0.5))
+    for _ in range(layers):
+        q = g.op("Transpose", [g.op("Reshape", [_linear(g, x, hidden, hidden), split])],
+                 perm=[0, 2, 1, 3])
+        k = g.op("Transpose", [g.op("Reshape", [_linear(g, x, hidden, hidden), split])],
+                 perm=[0, 2, 3, 1])
+        v = g.op("Transpose", [g.op("Reshape", [_linear(g, x, hidden, hidden), split])],
+                 perm=[0, 2, 1, 3])
+        s = g.op("Add", [g.op("Mul", [g.op("MatMul", [q, k]), scale]), mask])
+        o = g.op("MatMul", [g.op("Softmax", [s], axis=-1), v])
+        o = g.op("Reshape", [g.op("Transpose", [o], perm=[0, 2, 1, 3]), merge])
+        x = _layer_norm(g, g.op("Add", [_linear(g, o, hidden, hidden), x]), hidden)
+        h = _linear(g, x, hidden, ffn)
+        h = g.op("Mul", [g.op("Mul", [h, half]),
+                         g.op("Add", [g.op("Erf", [g.op("Mul", [h, rsqrt2])]), one])])
+        x = _layer_norm(g, g.op("Add", [_linear(g, h, ffn, hidden), x]), hidden)
+    first = g.op("Gather", [x, g.const(np.array(0, dtype=np.int64))], axis=1)
+    pooled = g.op("Tanh", [_linear(g, first, hidden, hidden)])
+    g.output(_linear(g, pooled, hidden, classes))
+    return g.model()
+
+
+def stacked(depth: int, width: int = 16, image: int = 8, classes: int = 10,
+            seed: int = 0) -> onnx.ModelProto:
+    """A chain of `depth` residual basic blocks (conv-BN-Relu-conv-BN, Add, Relu) at a small
+    width: 7 nodes per block, for measuring how the engine scales with graph size."""
+    g = G(opset=18, seed=seed)
+    x = g.input(["batch", 3, image, image], name="input")
+    y = _conv_bn(g, x, 3, width, 3)
+    for _ in range(depth):
+        h = _conv_bn(g, y, width, width, 3)
+        h = _conv_bn(g, h, width, width, 3, relu=False)
+        y = g.op("Relu", [g.op("Add", [h, y])])
+    y = g.op("Flatten", [g.op("GlobalAveragePool", [y])], axis=1)
+    g.output(g.op("Gemm", [y, g.w(classes, width, scale=0.1), g.w(classes, scale=0.0)],
+                  transB=1))
+    return g.model()
