@@ -543,10 +543,9 @@ def _resolve(model, c: Coupler, opaque: list[dict]) -> Analysis:
                 per = np.bincount(local_of_chan[valid][group_of_chan[valid] == g])
                 if len(per):
                     unit[g] = max(unit[g], int(per.max()))
-    for k, p in enumerate(prods):
-        for fc in pf[k]:
-            if fc in comp_gid and p.policy == "outer" and cand[k] and fc == cand[k][0]:
-                kinds[comp_gid[fc]] = "heads"
+    for k, p in enumerate(prods):  # an axis split into (heads, head_dim): whole heads
+        if p.policy == "outer" and len(cand[k]) > 1 and cand[k][0] in comp_gid:
+            kinds[comp_gid[cand[k][0]]] = "heads"
     for cm, g in comp_gid.items():
         ana.groups.append(Group(id=g, channels=len(group_chans[g]), members=members[g],
                                 exact=cm not in approx, approx_reasons=approx.get(cm, []),

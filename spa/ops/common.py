@@ -4,6 +4,14 @@ from __future__ import annotations
 import numpy as np
 
 
+def prod(dims) -> int:
+    """Product of lengths; dynamic dims (batch, sequence) count as 1: costs are per sample."""
+    out = 1
+    for d in dims:
+        out *= d if isinstance(d, int) else 1
+    return int(out)
+
+
 def norm_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
@@ -52,11 +60,28 @@ def freeze_axes(n, c, t: str | None, axes, reason: str, structural: bool = False
 
 # ------------------------------------------------------------------------------------------
 # shape-value provenance: where each element of a 1-D int tensor (a Reshape target, an
-# Expand shape) comes from. ('const', name, index, value): a literal in a constant;
-# ('dim', tensor, axis): the runtime length of an axis (it follows pruning by itself);
-# None: computed in a way we do not follow.
+# Expand shape) comes from:
+#   Lit(const, index, value, via, private): a literal inside a constant. `via` is the node
+#       that reads the constant on the way here; `private` says that every tensor between
+#       that node and the consumer has a single reader, so the literal can be changed for
+#       this consumer alone (by giving `via` its own copy of the constant).
+#   ("dim", tensor, axis): the runtime length of an axis (it follows pruning by itself).
+#   None: computed in a way we do not follow.
 
 _FOLLOW = {"Identity", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten"}
+
+
+class Lit(tuple):
+    __slots__ = ()
+
+    def __new__(cls, const, index, value, via=None, private=True):
+        return tuple.__new__(cls, ("const", const, index, value, via, private))
+
+    const = property(lambda self: self[1])
+    index = property(lambda self: self[2])
+    value = property(lambda self: self[3])
+    via = property(lambda self: self[4])
+    private = property(lambda self: self[5])
 
 
 def shape_source(model, t: str | None):
@@ -77,12 +102,22 @@ def _numel(model, t):
     return int(np.prod(s)) if s else 1
 
 
+def _through(model, node, t, src):
+    """Provenance of `src` (an input of `node`) seen from node's output `t`."""
+    if src is None:
+        return None
+    single = len(model.consumers.get(t, [])) <= 1
+    return [Lit(e.const, e.index, e.value, e.via if e.via is not None else node,
+                e.private and (single or e.via is None)) if isinstance(e, Lit) else e
+            for e in src]
+
+
 def _shape_source(model, t):
     if t in model.consts:
         a = model.consts[t]
         if not np.issubdtype(a.dtype, np.integer) or a.ndim > 1 or a.size > 64:
             return None
-        return [("const", t, i, int(v)) for i, v in enumerate(a.reshape(-1))]
+        return [Lit(t, i, int(v)) for i, v in enumerate(a.reshape(-1))]
     node = model.producer.get(t)
     if node is None:
         return None
@@ -97,11 +132,11 @@ def _shape_source(model, t):
         start, end = max(0, norm_axis(start, r)), min(r, norm_axis(end, r))
         return [("dim", n.i(0), a) for a in range(start, end)]
     if op in _FOLLOW:
-        return shape_source(model, n.i(0))
+        return _through(model, node, t, shape_source(model, n.i(0)))
     if op == "Concat":
         out = []
         for x in node.input:
-            s = shape_source(model, x)
+            s = _through(model, node, t, shape_source(model, x))
             if s is None:
                 k = _numel(model, x)
                 if k is None:
@@ -110,7 +145,7 @@ def _shape_source(model, t):
             out.extend(s)
         return out
     if op == "Gather":
-        s, idx = shape_source(model, n.i(0)), n.const(1)
+        s, idx = _through(model, node, t, shape_source(model, n.i(0))), n.const(1)
         if s is None or idx is None:
             return None
         try:
@@ -118,7 +153,7 @@ def _shape_source(model, t):
         except IndexError:
             return None
     if op == "Slice":
-        s = shape_source(model, n.i(0))
+        s = _through(model, node, t, shape_source(model, n.i(0)))
         st, en = n.const(1), n.const(2)
         steps = n.const(4) if n.i(4) else None
         if s is None or st is None or en is None:
@@ -145,30 +180,35 @@ def target_axes_rule(n, c, shape_input: int, out: str, offset: int = 0) -> None:
                 c.freeze((out, k), "its length comes from a shape computed at runtime")
         elif s[0] == "dim":
             c.couple((s[1], s[2]), (out, k))
-        elif s[1] != n.i(shape_input) and s[3] not in (0, -1, 1):
-            c.literal(s[1], s[2], (out, k))
+        elif not s.private and s.value not in (0, -1, 1):
+            # a literal shared with other consumers through a common node: all of them
+            # must keep the same length
+            c.literal(s.const, s.index, (out, k))
 
 
 def rewrite_target(n, s, shape_input: int, out: str, offset: int = 0) -> None:
     """Shrink-time partner of target_axes_rule: write the new lengths into literals."""
-    name = n.i(shape_input)
-    src = shape_source(n.model, name)
+    from .registry import Node
+    src = shape_source(n.model, n.i(shape_input))
     if src is None:
         return
-    r = n.rank(out)
-    direct = n.model.consts.get(name)
-    new = None if direct is None else direct.copy()
-    for k in range(r):
+    edits: dict = {}
+    for k in range(n.rank(out)):
         e = k - offset
-        if not 0 <= e < len(src) or src[e] is None or src[e][0] != "const":
+        if not 0 <= e < len(src) or not isinstance(src[e], Lit):
             continue
+        lit = src[e]
         old, now = s.old_len((out, k)), s.new_len((out, k))
-        _, cname, idx, value = src[e]
-        if old == now or value != old:
+        if old == now or lit.value != old:
             continue
-        if cname == name and new is not None:
-            new.reshape(-1)[idx] = now
-        else:
-            s.set_const_elem(cname, idx, now)
-    if new is not None and not np.array_equal(new, direct):
-        s.set_input(n, shape_input, new)
+        if not lit.private:
+            s.set_const_elem(lit.const, lit.index, now)
+            continue
+        via = lit.via if lit.via is not None else n.proto
+        key = (id(via), lit.const)
+        if key not in edits:
+            edits[key] = (via, lit.const, n.model.consts[lit.const].copy())
+        edits[key][2].reshape(-1)[lit.index] = now
+    for via, const, arr in edits.values():
+        vn = Node(via, n.model)
+        s.set_input(vn, list(via.input).index(const), arr)

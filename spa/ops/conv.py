@@ -6,9 +6,7 @@ convolutions keep their groups and lose the same channels in every group.
 """
 from __future__ import annotations
 
-import numpy as np
-
-from .common import freeze_axes
+from .common import freeze_axes, prod
 from .registry import rule
 
 
@@ -34,16 +32,12 @@ def _conv_shrink(n, s):
 
 def _conv_macs(n, shapes):
     y, w = shapes.get(n.o(0)), shapes.get(n.i(1))
-    if not y or not w or any(not isinstance(d, int) for d in list(y[1:]) + list(w)):
-        return 0
-    return int(np.prod(y[1:])) * int(np.prod(w[1:]))
+    return prod(y[1:]) * prod(w[1:]) if y and w else 0
 
 
 def _convt_macs(n, shapes):
     x, w = shapes.get(n.i(0)), shapes.get(n.i(1))
-    if not x or not w or any(not isinstance(d, int) for d in list(x[1:]) + list(w)):
-        return 0
-    return int(np.prod(x[1:])) * int(np.prod(w[1:]))
+    return prod(x[1:]) * prod(w[1:]) if x and w else 0
 
 
 @rule("Conv", shrink=_conv_shrink, macs=_conv_macs)

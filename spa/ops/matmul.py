@@ -2,24 +2,20 @@
 follow the output. A constant weight behind a Transpose is reached through the Transpose."""
 from __future__ import annotations
 
-import numpy as np
-
+from .common import prod
 from .registry import rule
 
 
 def _matmul_macs(n, shapes):
     a, y = shapes.get(n.i(0)), shapes.get(n.o(0))
-    if not a or y is None or any(not isinstance(d, int) for d in list(a[-1:]) + list(y)):
-        return 0
-    return int(np.prod(y)) * int(a[-1])
+    return prod(y) * prod(a[-1:]) if a and y is not None else 0
 
 
 def _gemm_macs(n, shapes):
     a, y = shapes.get(n.i(0)), shapes.get(n.o(0))
-    if not a or not y or any(not isinstance(d, int) for d in list(a) + list(y)):
+    if not a or not y:
         return 0
-    k = a[0] if n.attr("transA", 0) else a[1]
-    return int(np.prod(y)) * int(k)
+    return prod(y) * prod([a[0] if n.attr("transA", 0) else a[1]])
 
 
 @rule("MatMul", macs=_matmul_macs)
