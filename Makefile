@@ -22,7 +22,7 @@ dataset:
 	@[ -d $(FMNIST) ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; } || echo "warning: could not install dataset-fashion-mnist (accuracy columns will be skipped)"
 
 demo: $(DEMO_VENV)/.done dataset
-	$(DEMO_VENV)/bin/python -m spa.demo
+	$(DEMO_VENV)/bin/python -m models.demo
 
 test: $(TEST_VENV)/.done dataset
 	$(TEST_VENV)/bin/python -m pytest

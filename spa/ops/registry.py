@@ -31,7 +31,8 @@ RULES: dict[str, Rule] = {}
 def rule(*op_types: str, shrink: Callable | None = None, macs: Callable | None = None):
     """Register `fn(node, coupler)` as the analysis rule for `op_types` (default domain)."""
     def deco(fn):
-        r = Rule(op_types, fn, shrink, macs, (fn.__doc__ or "").strip().split("\n")[0],
+        para = (fn.__doc__ or "").strip().split("\n\n")[0]
+        r = Rule(op_types, fn, shrink, macs, " ".join(x.strip() for x in para.split("\n")),
                  fn.__module__.rsplit(".", 1)[-1])
         for t in op_types:
             if t in RULES:
