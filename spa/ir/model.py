@@ -353,9 +353,13 @@ def infer_shapes(model: Model) -> dict[str, tuple]:
                 shapes[k] = d
             else:  # prefer the concrete one of (declared, inferred) per axis
                 shapes[k] = tuple(a if isinstance(a, int) else b for a, b in zip(d, prev))
+    # unknown dims, and symbols that inference made up past the first axis (they may hide
+    # a static length, e.g. an Expand whose target is computed): ask ONNX Runtime
     unknown = [o for n in model.nodes for o in n.output
                if o and o not in model.consts and
-               (shapes.get(o) is None or any(x is None for x in shapes[o]))]
+               (shapes.get(o) is None or any(
+                   x is None or (k > 0 and isinstance(x, str) and x.startswith("unk__"))
+                   for k, x in enumerate(shapes[o])))]
     if unknown:
         shapes.update(_runtime_shapes(model, unknown, shapes))
     return shapes

@@ -160,8 +160,27 @@ def _shape_source(model, t):
             return None
         step = int(steps[0]) if steps is not None else 1
         return s[slice(int(st[0]), int(min(en[0], 1 << 30)), step)]
+    if op == "Mul":  # products of runtime lengths (legacy exports merge axes this way)
+        sa = _through(model, node, t, shape_source(model, n.i(0)))
+        sb = _through(model, node, t, shape_source(model, n.i(1)))
+        if sa is not None and sb is not None and len(sa) == len(sb):
+            out = []
+            for a, b in zip(sa, sb):
+                pa, pb = _dims_in(a), _dims_in(b)
+                out.append(("dimprod", pa + pb) if pa is not None and pb is not None else None)
+            return out
     k = _numel(model, t)
     return None if k is None else [None] * k
+
+
+def _dims_in(e):
+    if e is None:
+        return None
+    if e[0] == "dim":
+        return ((e[1], e[2]),)
+    if e[0] == "dimprod":
+        return e[1]
+    return None
 
 
 def target_axes_rule(n, c, shape_input: int, out: str, offset: int = 0) -> None:
@@ -180,6 +199,8 @@ def target_axes_rule(n, c, shape_input: int, out: str, offset: int = 0) -> None:
                 c.freeze((out, k), "its length comes from a shape computed at runtime")
         elif s[0] == "dim":
             c.couple((s[1], s[2]), (out, k))
+        elif s[0] == "dimprod":
+            pass  # a product of runtime lengths: follows the merged axes by itself
         elif not s.private and s.value not in (0, -1, 1):
             # a literal shared with other consumers through a common node: all of them
             # must keep the same length

@@ -133,7 +133,7 @@ def slice_(n, c):
     params = _slice_params(n)
     for k in range(r):
         if params is None or k not in params:
-            c.couple((x, k), (y, k))
+            c.couple((x, k), (y, k))  # frozen again below if sliced at runtime
         elif params[k] is None:
             c.freeze((x, k), "slice of a dynamic axis")
             c.freeze((y, k), "slice of a dynamic axis")
@@ -145,10 +145,13 @@ def slice_(n, c):
             else:
                 c.couple_idx((x, k), np.array(rng), (y, k), np.arange(len(rng)))
             c.touched.add((x, k))
-    if params is None:
+    if params is None:  # runtime starts/ends: only the sliced axes are frozen
+        axes = n.const(3) if n.i(3) else None
+        sliced = range(r) if axes is None else [norm_axis(int(a), r) for a in axes]
         for k in range(r):
-            c.freeze((x, k), "slice parameters computed at runtime")
-            c.freeze((y, k), "slice parameters computed at runtime")
+            if k in sliced:
+                c.freeze((x, k), "slice parameters computed at runtime")
+                c.freeze((y, k), "slice parameters computed at runtime")
     for t in n.inputs[1:]:
         touch(c, t or None)
 
