@@ -51,7 +51,8 @@ def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to:
 
 def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1,
           seed: int = 0, plan: Plan | None = None, do_verify: bool = False,
-          exact_only: bool = False, progress=None) -> PruneResult:
+          exact_only: bool = False, progress=None,
+          input_shapes: dict | None = None) -> PruneResult:
     """Analyze, plan (or take the given plan), rewrite and optionally verify a model."""
     if isinstance(model, (str, os.PathLike)):
         model = load(model)
@@ -64,7 +65,7 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
     pruned = from_proto(proto, path=model.path, infer=True)
     result = PruneResult(plan, proto, analysis, stats(model), stats(pruned))
     if do_verify:
-        result.verify = _verify(model, proto, analysis, plan)
+        result.verify = _verify(model, proto, analysis, plan, input_shapes=input_shapes)
     return result
 
 

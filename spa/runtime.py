@@ -15,7 +15,7 @@ _NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
 def session_for(proto: onnx.ModelProto, providers: list[str] | None = None, threads: int = 0):
     import onnxruntime as ort
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures surface as exceptions, not log spam
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(proto.SerializeToString(), opts,
@@ -43,10 +43,14 @@ def index_bound(model, name: str) -> int | None:
     return bound
 
 
-def dummy_inputs(model, *, sym_value: int = 2, seed: int = 0, batch: int | None = None) -> dict:
-    """Seeded random feeds for every graph input; symbolic dimensions get `sym_value`."""
+def dummy_inputs(model, *, sym_value: int = 2, seed: int = 0, batch: int | None = None,
+                 shapes: dict | None = None) -> dict:
+    """Seeded random feeds for every graph input. Symbolic dims: the first axis (batch) gets
+    `batch` or `sym_value`, other axes 16·sym_value (sequence lengths, image sizes that must
+    be multiples of 32); a symbol used twice gets one value. `shapes` overrides per input."""
     rng = np.random.default_rng(seed)
     feeds = {}
+    symbols: dict[str, int] = {}
     for v in model.graph.input:
         if v.name in model.consts:
             continue
@@ -55,8 +59,13 @@ def dummy_inputs(model, *, sym_value: int = 2, seed: int = 0, batch: int | None 
         for k, d in enumerate(tt.shape.dim):
             if d.HasField("dim_value") and d.dim_value > 0:
                 dims.append(d.dim_value)
-            else:
-                dims.append(batch if (batch and k == 0) else sym_value)
+                continue
+            value = (batch or sym_value) if k == 0 else 16 * sym_value
+            if d.HasField("dim_param") and d.dim_param:
+                value = symbols.setdefault(d.dim_param, value)
+            dims.append(value)
+        if shapes and v.name in shapes:
+            dims = list(shapes[v.name])
         dtype = _NP.get(tt.elem_type)
         if dtype is None:
             raise SpaError(f"graph input {v.name!r} has an unsupported element type "

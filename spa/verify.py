@@ -103,7 +103,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def verify(model, pruned: onnx.ModelProto, analysis, plan, *, seed: int = 0,
-           batches: int = 2) -> VerifyResult:
+           batches: int = 2, input_shapes: dict | None = None) -> VerifyResult:
     kept = plan.kept_indices(analysis)
     approx = plan.touches_approximate(analysis)
     s_orig = session_for(model.proto)
@@ -112,7 +112,7 @@ def verify(model, pruned: onnx.ModelProto, analysis, plan, *, seed: int = 0,
     names = [o.name for o in s_orig.get_outputs()]
     worst, change, per = 0.0, 0.0, {}
     for b in range(batches):
-        feeds = dummy_inputs(model, seed=seed + b, sym_value=2)
+        feeds = dummy_inputs(model, seed=seed + b, sym_value=2, shapes=input_shapes)
         o = s_orig.run(names, feeds)
         m = s_mask.run(names, feeds)
         p = s_pruned.run(names, feeds)

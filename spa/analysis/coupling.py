@@ -85,7 +85,7 @@ class Coupler:
         if d is not None:
             return d
         n = self.length_of(key)
-        if not isinstance(n, int):
+        if not isinstance(n, int) or n < 0:
             return None
         d = len(self.keys)
         self.dims[key] = d

@@ -293,7 +293,7 @@ def _dims_of(tp: onnx.TypeProto) -> tuple | None:
         return None
     dims = []
     for d in tp.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value >= 0:
             dims.append(int(d.dim_value))
         elif d.HasField("dim_param") and d.dim_param:
             dims.append(str(d.dim_param))
@@ -384,7 +384,7 @@ def _runtime_shapes(model: Model, names: list[str], shapes: dict) -> dict[str, t
     try:
         sess = session_for(m)
         out_names = [o.name for o in sess.get_outputs()]
-        for sym in (2, 3):
+        for sym in (2, 4):
             feeds = dummy_inputs(model, sym_value=sym, seed=0)
             runs.append(dict(zip(out_names, sess.run(out_names, feeds))))
     except Exception:
