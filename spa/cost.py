@@ -103,7 +103,7 @@ class CostModel:
     def __init__(self, analysis):
         self.analysis = a = analysis
         model = self.model = a.model
-        self.n_channels = n = a.n_channels
+        self.n_channels = a.n_channels
         c = a.coupler
         # variable dims: those with at least one element owned by a channel
         var: dict[tuple, int] = {}

@@ -1,3 +1,14 @@
-from .local import uniform
+"""Selections: turn per-channel scores into a plan.
 
-__all__ = ["uniform"]
+local.uniform  the same fraction of every group (--ratio)
+global_rank    one ranking of all normalised scores, cut where the plan's cost meets a target
+knapsack       maximise kept importance under the cost target (MILP, HiGHS)
+"""
+from .local import uniform
+from .global_ import global_rank, parse_target, normalize, Target, NORMALIZERS
+from .knapsack import knapsack
+
+SELECTIONS = ("uniform", "global", "knapsack")
+
+__all__ = ["uniform", "global_rank", "knapsack", "parse_target", "normalize", "Target",
+           "NORMALIZERS", "SELECTIONS"]

@@ -1,0 +1,227 @@
+"""Knapsack selection: keep the most (normalised) importance that fits the budget.
+
+A 0/1 mixed-integer program over channels, solved with HiGHS (scipy.optimize.milp):
+
+    maximise    sum_c w_c x_c                       x_c = 1: channel c stays
+    subject to  C(x0) + sum_c a_c (x_c - x0_c) <= B   the cost, linearised at x0
+                sum_{c in g} x_c >= keep_g              every group keeps >= 1 channel and
+                                                        >= (1 - max_group_loss) of them
+                sum_{c in g} n_mc x_c >= N_m - L_m + 1  no member dim m emptied
+                sum_{c in g} x_c = u k_g (+ r_g f_g)    group sizes multiples of round_to
+                                                        (or the whole group), k_g integer
+
+The cost is not linear in the channels (a conv costs in x out), so it is linearised around
+the current plan's widths -- a_c is the exact first-order drop of the cost when channel c
+goes, from spa.cost -- and the program is solved again around each new plan (a sequential
+linearisation: the model is exact at the point it was taken, so the error only comes from
+the curvature over the step, and the steps shrink as the plan settles). The budget aimed at
+is the middle of the window [F - tolerance, F]. When the true cost of a solution lands in
+the window the loop stops; if it has not after `max_iter` rounds, the best solution is
+repaired with the exact cost: channels go (or come back) in order of importance per unit of
+cost, with the cut found by bisection, so the result is never above the target.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, linprog, milp
+from scipy.sparse import coo_matrix, csr_matrix, vstack
+
+from ..cost import cost_model
+from ..errors import UsageError
+from .global_ import (NORMALIZERS, TOLERANCE, Constraints, Stepper, normalized,
+                      parse_target, refine, unreachable)
+
+
+class _Program:
+    """The constraint rows that do not change between rounds, and the variables."""
+
+    def __init__(self, cons: Constraints):
+        a = cons.analysis
+        self.cons = cons
+        self.chans = cons.channels()                      # variable j <-> channel chans[j]
+        n = self.n = len(self.chans)
+        var_of = np.full(a.n_channels, -1, np.int64)
+        var_of[self.chans] = np.arange(n)
+        self.var_of = var_of
+        rows, cols, vals, lb, ub = [], [], [], [], []
+        integ = [1] * n
+        lo_b, hi_b = [0.0] * n, [1.0] * n
+        r = 0
+        for g in np.nonzero(cons.eligible)[0].tolist():
+            gv = var_of[a.group_chans[g]]
+            size, u, keep = int(cons.size[g]), int(cons.unit[g]), int(cons.min_keep[g])
+            if u == 1:
+                rows += [r] * len(gv); cols += gv.tolist(); vals += [1.0] * len(gv)
+                lb.append(keep); ub.append(size); r += 1
+            else:
+                # sum x - u k - rem f = 0, with k >= K f so that f = 1 only for the whole
+                whole, rem = size // u, size % u
+                k = len(lo_b)
+                integ.append(1); lo_b.append(keep // u); hi_b.append(whole)
+                rows += [r] * (len(gv) + 1); cols += gv.tolist() + [k]
+                vals += [1.0] * len(gv) + [-float(u)]
+                if rem:
+                    f = len(lo_b)
+                    integ.append(1); lo_b.append(0.0); hi_b.append(1.0)
+                    rows.append(r); cols.append(f); vals.append(-float(rem))
+                    lb.append(0.0); ub.append(0.0); r += 1
+                    rows += [r, r]; cols += [k, f]; vals += [1.0, -float(whole)]
+                    lb.append(0.0); ub.append(np.inf); r += 1
+                else:
+                    lb.append(0.0); ub.append(0.0); r += 1
+            for total, cnt in cons.danger.get(g, []):
+                nz = np.nonzero(cnt)[0]
+                rows += [r] * len(nz); cols += gv[nz].tolist(); vals += cnt[nz].tolist()
+                lb.append(float(cnt.sum() - total + 1)); ub.append(np.inf); r += 1
+        self.n_vars = len(lo_b)
+        self.fixed = (coo_matrix((vals, (rows, cols)), shape=(r, self.n_vars)).tocsr(),
+                      np.array(lb, float), np.array(ub, float))
+        self.integrality = np.array(integ)
+        self.bounds = Bounds(np.array(lo_b), np.array(hi_b))
+
+    def solve(self, w: np.ndarray, a: np.ndarray, rhs: float, time_limit: float,
+              core: int = 128):
+        """max w.x s.t. a.x <= rhs and the fixed rows; returns x over channels or None.
+
+        HiGHS is slow on knapsacks with thousands of binaries, so the program is solved on
+        its *core*: the LP relaxation is solved first, every variable whose reduced cost
+        exceeds a threshold is fixed at its LP value, and the MILP runs on the rest (the
+        `core` variables nearest the LP's cut). The result is optimal for the whole program
+        when the restricted optimum is within the smallest fixed reduced cost of the LP
+        bound (any solution that flips a fixed variable is worse than the LP bound by at
+        least its reduced cost); otherwise the core grows fourfold, the MILP runs once
+        more, and the better of the two solutions is kept."""
+        c = np.zeros(self.n_vars)
+        c[:self.n] = -w
+        A, lb, ub = self.fixed
+        A_all = vstack([csr_matrix(np.concatenate([a, np.zeros(self.n_vars - self.n)])[None]),
+                        A]).tocsr()
+        lb_all = np.concatenate([[-np.inf], lb])
+        ub_all = np.concatenate([[rhs], ub])
+        eq = lb_all == ub_all
+        up = ~eq & np.isfinite(ub_all)
+        lo = ~eq & np.isfinite(lb_all)
+        lp = linprog(c, A_ub=vstack([A_all[up], -A_all[lo]]).tocsr() if (up | lo).any()
+                     else None,
+                     b_ub=np.concatenate([ub_all[up], -lb_all[lo]]) if (up | lo).any()
+                     else None,
+                     A_eq=A_all[eq] if eq.any() else None,
+                     b_eq=ub_all[eq] if eq.any() else None,
+                     bounds=list(zip(self.bounds.lb, self.bounds.ub)), method="highs")
+        if lp.status != 0:
+            return None
+        z_lp = float(lp.fun)
+        red = np.abs(lp.lower.marginals) + np.abs(lp.upper.marginals)
+        xl = lp.x
+        frac = np.abs(xl - np.rint(xl)) > 1e-9
+        binary = np.zeros(self.n_vars, bool)
+        binary[:self.n] = True
+        cons = [LinearConstraint(A_all, lb_all, ub_all)]
+        best = None
+        for tries in range(2):
+            cand = binary & ~frac
+            order = np.argsort(red[cand], kind="stable")
+            idx = np.nonzero(cand)[0][order]
+            fix = idx[core:]
+            lo_b, hi_b = self.bounds.lb.copy(), self.bounds.ub.copy()
+            lo_b[fix] = hi_b[fix] = np.rint(xl[fix])
+            res = milp(c, integrality=self.integrality, bounds=Bounds(lo_b, hi_b),
+                       constraints=cons, options={"time_limit": time_limit,
+                                                  "mip_rel_gap": 1e-3, "disp": False})
+            if res.x is not None:
+                if best is None or res.fun < best[0]:
+                    best = (float(res.fun), np.rint(res.x[:self.n]).astype(bool))
+                margin = float(red[fix].min()) if len(fix) else np.inf
+                if best[0] - z_lp <= margin:
+                    break       # no solution flipping a fixed variable can be better
+            if not len(fix):
+                break
+            core *= 4
+        return None if best is None else best[1]
+
+
+def knapsack(analysis, scores: list[np.ndarray], target, *, normalize: str = "mean",
+             max_group_loss: float = 0.9, round_to: int = 1, exact_only: bool = False,
+             tolerance: float = TOLERANCE, max_iter: int = 8, time_limit: float = 10.0,
+             criterion: str = "l2", options: dict | None = None):
+    """Maximise kept normalised importance subject to cost <= fraction x original (and,
+    where the channels allow, >= fraction - tolerance). Returns a Plan whose options record
+    the target, the fraction achieved and the solver rounds."""
+    target = parse_target(target)
+    if normalize not in NORMALIZERS:
+        raise UsageError(f"unknown normalisation {normalize!r} (use one of "
+                         f"{', '.join(NORMALIZERS)})")
+    cm = cost_model(analysis)
+    metric = target.metric
+    base = max(cm.original[metric], 1)
+    limit, floor = target.fraction * base, (target.fraction - tolerance) * base
+    aim = (target.fraction - tolerance / 4) * base
+    cons = Constraints(analysis, max_group_loss=max_group_loss, round_to=round_to,
+                       exact_only=exact_only)
+    score = normalized(analysis, scores, normalize)
+    prog = _Program(cons)
+    chans = prog.chans
+    w = score[chans]
+    if len(w) and w.min() <= 0:   # importance must be positive, or dropping it would pay
+        w = w - w.min() + 1e-3 * max(float(np.ptp(w)), 1e-9)
+    n = analysis.n_channels
+    removed = np.zeros(n, bool)
+    history = []
+    if floor <= cm.original[metric] <= limit:     # nothing needs to go
+        max_iter = 0
+    best = None       # (in window?, cost) of the best solution so far, and its mask
+    for it in range(max_iter):
+        cost_x, saving = cm.linearize(removed, metric)
+        a = saving[chans] / base
+        x0 = ~removed[chans]
+        rhs = (aim - cost_x) / base + float(a @ x0)
+        x = prog.solve(w, a, rhs, time_limit)
+        if x is None:
+            break
+        nxt = np.zeros(n, bool)
+        nxt[chans[~x]] = True
+        c = cm.evaluate(nxt, (metric,))[metric]
+        history.append(round(c / base, 6))
+        inside = floor <= c <= limit
+        cand = (inside, -abs(c - aim))
+        if best is None or cand > best[0]:
+            best = (cand, nxt, c)
+        if inside or np.array_equal(nxt, removed):
+            break
+        removed = nxt
+    if best is None:
+        removed, c = np.zeros(n, bool), cm.original[metric]
+    else:
+        _, removed, c = best
+    rounds = len(history)
+    removed = _repair(cm, metric, cons, removed, c, limit, floor, score, target, base)
+    achieved = cm.evaluate(removed, (metric,))[metric] / base
+    opts = {"select": "knapsack", "normalize": normalize, "target": target.to_json(),
+            "achieved": round(achieved, 6), "rounds": rounds, **(options or {})}
+    return cons.plan(removed, criterion, opts)
+
+
+def _repair(cm, metric, cons, removed, c, limit, floor, score, target, base):
+    """Make the solution meet the budget exactly: while it costs too much, channels go in
+    order of importance per unit of cost saved; then, while budget is left, removed channels
+    come back in the opposite order (each cut found by bisection with the exact cost)."""
+    _, saving = cm.linearize(removed, metric)
+    ratio = score / np.maximum(saving, 1e-12 * base)
+    if c > limit:
+        chans = cons.channels()
+        chans = chans[~removed[chans]]
+        priority = chans[np.lexsort((chans, ratio[chans]))]
+        st = Stepper(cm, metric, removed, cons.removal_steps(priority, removed), +1)
+        k = st.first_at_most(limit)
+        if k is None:
+            raise unreachable(target, st.cost(len(st.steps)) / base)
+        out = st.mask(k)
+        if k > 0 and st.cost(k) < floor:
+            out = refine(cm, metric, cons, st.mask(k - 1), out, limit, floor, score, priority)
+        return out
+    back = np.nonzero(removed)[0]
+    if not len(back):
+        return removed
+    priority = back[np.lexsort((back, -ratio[back]))]
+    st = Stepper(cm, metric, removed, cons.restore_steps(priority, removed), -1)
+    return st.mask(st.last_at_most(limit))
