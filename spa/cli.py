@@ -85,15 +85,33 @@ def _write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _budget_args(args):
+    """--target METRIC:FRACTION (malformed: exit 2 before anything is loaded)."""
+    from .select import parse_target
+    if args.target is None:
+        if args.select != "uniform":
+            raise UsageError(f"--select {args.select} needs --target, e.g. --target flops:0.5")
+        return None
+    if args.plan:
+        raise UsageError("--target and --plan exclude each other (a plan is already chosen)")
+    return parse_target(args.target)
+
+
 def cmd_prune(args) -> int:
     from . import api
     from .plan import Plan
     _check_output(args)
+    target = _budget_args(args)
     plan = Plan.load(args.plan) if args.plan else None
     model = api.load(args.model)
     res = api.prune(model, ratio=args.ratio, criterion=args.criterion, round_to=args.round_to,
                     seed=args.seed, plan=plan, do_verify=args.verify,
-                    exact_only=args.exact_only, progress=_progress("analyze"))
+                    exact_only=args.exact_only, progress=_progress("analyze"),
+                    target=target, select=args.select, normalize=args.normalize,
+                    max_group_loss=args.max_group_loss)
+    if target is not None:
+        print(f"target {target.name}:{target.fraction:g} ({args.select} selection): achieved "
+              f"{res.plan.options.get('achieved', float('nan')):.4f} of the original")
     b, a = res.before, res.after
     print(f"pruned {len(res.plan.keep)}/{len(res.analysis.groups)} groups: params "
           f"{_fmt(b['params'])} -> {_fmt(a['params'])} ({a['params'] / max(b['params'], 1):.1%}),"
@@ -215,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--report", help="write a JSON report")
     q.add_argument("--verify", action="store_true", help="run the masked-equivalence oracle")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--target", metavar="METRIC:F",
+                   help="budget instead of --ratio: keep at most F of the original flops "
+                        "(MACs), params or memory, e.g. flops:0.5")
+    q.add_argument("--select", default="uniform", choices=["uniform", "global", "knapsack"],
+                   help="with --target: one ratio for all groups (bisection), one global "
+                        "ranking, or the knapsack (MILP) that keeps the most importance")
+    q.add_argument("--normalize", default="mean",
+                   choices=["mean", "max", "sum", "none", "standardization", "lamp"],
+                   help="per-group score normalisation for --select global/knapsack")
+    q.add_argument("--max-group-loss", type=float, default=0.9,
+                   help="with --target: largest fraction of one group's channels removed")
     q.set_defaults(fn=cmd_prune)
 
     v = sub.add_parser("verify", help="check a pruned model against its original")

@@ -5,10 +5,11 @@ global_rank    one ranking of all normalised scores, cut where the plan's cost m
 knapsack       maximise kept importance under the cost target (MILP, HiGHS)
 """
 from .local import uniform
-from .global_ import global_rank, parse_target, normalize, Target, NORMALIZERS
+from .global_ import (global_rank, uniform_for_target, parse_target, normalize, Target,
+                      NORMALIZERS)
 from .knapsack import knapsack
 
 SELECTIONS = ("uniform", "global", "knapsack")
 
-__all__ = ["uniform", "global_rank", "knapsack", "parse_target", "normalize", "Target",
-           "NORMALIZERS", "SELECTIONS"]
+__all__ = ["uniform", "uniform_for_target", "global_rank", "knapsack", "parse_target",
+           "normalize", "Target", "NORMALIZERS", "SELECTIONS"]

@@ -329,3 +329,44 @@ def global_rank(analysis, scores: list[np.ndarray], target, *, normalize: str = 
     opts = {"select": "global", "normalize": normalize, "target": target.to_json(),
             "achieved": round(achieved, 6), **(options or {})}
     return cons.plan(removed, criterion, opts)
+
+
+def uniform_for_target(analysis, scores: list[np.ndarray], target, *,
+                       max_group_loss: float = 0.9, round_to: int = 1,
+                       exact_only: bool = False, criterion: str = "l2",
+                       options: dict | None = None) -> Plan:
+    """Local selection under a budget: the smallest ratio (the same for every group, at
+    most max_group_loss) whose uniform plan costs at most the target, found by bisection.
+    The cost falls in steps as the ratio grows, so the result can land further below the
+    target than the global and knapsack selections do."""
+    from .local import uniform
+    target = parse_target(target)
+    cm = cost_model(analysis)
+    metric = target.metric
+    base = max(cm.original[metric], 1)
+    limit = target.fraction * base
+
+    def plan_at(r):
+        return uniform(analysis, scores, r, round_to=round_to, exact_only=exact_only,
+                       criterion=criterion, options=options)
+
+    def cost_of(p):
+        return cm.evaluate(p.removed(analysis), (metric,))[metric]
+
+    hi_plan = plan_at(max_group_loss)
+    if cost_of(hi_plan) > limit:
+        raise unreachable(target, cost_of(hi_plan) / base)
+    lo, hi = 0.0, max_group_loss
+    if cm.original[metric] <= limit:
+        hi, hi_plan = 0.0, plan_at(0.0)
+    while hi - lo > 1e-4:
+        mid = (lo + hi) / 2
+        p = plan_at(mid)
+        if cost_of(p) <= limit:
+            hi, hi_plan = mid, p
+        else:
+            lo = mid
+    achieved = cost_of(hi_plan) / base
+    hi_plan.options.update({"select": "uniform", "target": target.to_json(),
+                            "achieved": round(achieved, 6), "ratio": round(hi, 6)})
+    return hi_plan
