@@ -1,0 +1,14 @@
+"""Framework converters: export a model to ONNX, and carry an SPA plan back onto the source
+model's parameters so that the pruned model can be fine-tuned in its own framework.
+
+One module per framework; each imports its framework lazily (inside functions), so that
+importing the package costs nothing. Layering: ``models → converters → spa``; spa never
+imports converters.
+
+- ``converters.torch`` — PyTorch: ``export`` (dynamo or legacy exporter; ``keep_bn=True``
+  keeps parameter names for the way back), ``apply_plan`` (shrink the ``nn.Module`` in place),
+  ``convert`` (what ``spa convert torch`` runs).
+- JAX/Flax and Keras/TensorFlow: not yet (docs/frameworks.md).
+"""
+
+FRAMEWORKS = ("torch",)

@@ -1,6 +1,7 @@
-"""Export torch modules (and the whole torch zoo) to ONNX, atomically and with caching.
+"""Export the torch zoo to ONNX, atomically and with caching.
 
-Two exporters, both from torch 2.13:
+The export itself lives in ``converters/torch.py`` (``converters.torch.export``); the zoo
+uses its *deployment* mode (``keep_bn=False``), which is what this module always did:
 
 * ``dynamo`` — ``torch.onnx.export(..., dynamo=True, optimize=True)``: torch.export +
   onnxscript. Its native opset is 18; asking for another opset makes it run the
@@ -12,120 +13,70 @@ Default opset 18 for both (checked on the whole zoo with torch 2.13 / onnxscript
 onnxruntime 1.31): it is the dynamo exporter's native opset (no version conversion), the
 legacy exporter supports it fully, it has LayerNormalization (17) and the ReduceMean-with-
 axes-input form (18), and every ONNX Runtime we care about runs it. docs/zoo.md has the
-per-opset results.
+per-opset results. For exports whose pruning plans map back onto the torch module, see
+``converters.torch.export(..., keep_bn=True)`` and docs/frameworks.md.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Sequence
 
-DEFAULT_OPSET = 18
-EXPORTERS = ("dynamo", "legacy")
+from converters.torch import DEFAULT_OPSET, EXPORTERS, export_fingerprint
 
-
-@contextlib.contextmanager
-def _quiet_loggers():
-    """Silence the exporter's INFO/WARNING log lines (e.g. "torchvision is not installed")."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo",
-                                               "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def _input_names(example_inputs: Sequence) -> list[str]:
-    import torch
-
-    names = []
-    for i, x in enumerate(example_inputs):
-        base = "input_ids" if not torch.is_floating_point(x) else "input"
-        names.append(base if i == 0 else f"{base}_{i}")
-    return names
+__all__ = ["DEFAULT_OPSET", "EXPORTERS", "export_torch", "export_zoo_entry", "export_zoo"]
 
 
 def export_torch(module, example_inputs, path, exporter: str = "dynamo",
                  opset: int = DEFAULT_OPSET, dynamic_batch: bool = True) -> Path:
-    """Export `module` to ONNX at `path` and return the path.
+    """Deployment export of `module` (BN folded): ``converters.torch.export(...,
+    keep_bn=False)``. Inputs "input"/"input_ids", output "output", symbolic batch axis
+    (give an example batch of at least 2); written atomically."""
+    from converters.torch import export
 
-    Inputs are named "input" ("input_ids" for integer inputs; "_1", "_2" … suffixes for
-    further inputs), the output "output". With `dynamic_batch`, axis 0 of every input and
-    of the output is symbolic ("batch"); use an example batch of at least 2 — torch.export
-    specialises dimensions of size 1. The file is written to a temporary name in the same
-    directory and renamed, so a failed export leaves no partial file behind.
-    """
-    import torch
+    return export(module, example_inputs, path, exporter=exporter, opset=opset,
+                  dynamic_batch=dynamic_batch, keep_bn=False)
 
-    if exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    if not isinstance(example_inputs, (tuple, list)):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    input_names = _input_names(example_inputs)
-    module = module.eval()
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        # Exporters are chatty (progress lines, deprecation warnings): keep the caller's
-        # output clean; real failures raise.
-        # No torch.no_grad(): under no_grad, eval-mode nn.MultiheadAttention takes its
-        # fused fast path (aten::_native_multi_head_attention), which the legacy exporter
-        # cannot export.
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                _quiet_loggers():
-            warnings.simplefilter("ignore")
-            if exporter == "dynamo":
-                dynamic_shapes = None
-                if dynamic_batch:
-                    batch = torch.export.Dim("batch")
-                    dynamic_shapes = tuple({0: batch} for _ in example_inputs)
-                program = torch.onnx.export(
-                    module, example_inputs, dynamo=True, optimize=True,
-                    opset_version=opset, input_names=input_names, output_names=["output"],
-                    dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
-                program.save(tmp, external_data=False)
-            else:
-                dynamic_axes = None
-                if dynamic_batch:
-                    dynamic_axes = {n: {0: "batch"} for n in [*input_names, "output"]}
-                torch.onnx.export(
-                    module, example_inputs, tmp, dynamo=False, do_constant_folding=True,
-                    opset_version=opset, input_names=input_names, output_names=["output"],
-                    dynamic_axes=dynamic_axes, verbose=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+def _fresh(path: Path, adopt: bool = True) -> bool:
+    """A cached export is fresh when it is newer than the zoo's sources and was made by the
+    current export code (its ``.fingerprint`` sidecar). A file from before sidecars existed
+    was made with the same settings as today's deployment export: it is adopted."""
+    if not path.is_file() or path.stat().st_mtime <= _zoo_source_mtime():
+        return False
+    side = path.with_name(path.name + ".fingerprint")
+    fp = export_fingerprint()
+    if not side.is_file():
+        if not adopt:
+            return False
+        side.write_text(fp + "\n")
+        return True
+    return side.read_text().strip() == fp
+
+
+def _stamp(path: Path) -> None:
+    path.with_name(path.name + ".fingerprint").write_text(export_fingerprint() + "\n")
 
 
 def _zoo_source_mtime() -> float:
-    """Newest modification time of the files an exported zoo model depends on."""
+    """Newest modification time of the zoo's sources (the export code is covered by
+    ``converters.torch.export_fingerprint`` instead, so that editing the map-back code in
+    converters/torch.py does not re-export the zoo)."""
     import models.registry as reg
     import models.torch_zoo as tz
 
-    return max(os.path.getmtime(f) for f in (tz.__file__, reg.__file__, __file__))
+    return max(os.path.getmtime(f) for f in (tz.__file__, reg.__file__))
 
 
 def export_zoo_entry(name: str, outdir=None, exporter: str = "dynamo",
-                     opset: int = DEFAULT_OPSET, force: bool = False) -> Path:
+                     opset: int = DEFAULT_OPSET, force: bool = False,
+                     keep_bn: bool = False) -> Path:
     """Export one zoo model to `outdir/<name>.<exporter>.onnx` (`….opset<N>.onnx` for a
-    non-default opset), unless a cached file is newer than models/torch_zoo.py,
-    models/registry.py and this file (the exported model is a pure function of them)."""
+    non-default opset; `<name>.<exporter>.mapback.onnx` with `keep_bn`, the export whose
+    plans map back onto the torch module, see converters.torch), unless a cached file is newer than models/torch_zoo.py and
+    models/registry.py and was made by the current export code (the exported model is a
+    pure function of them)."""
     from models.registry import default_cache_dir
     from models.torch_zoo import ZOO
 
@@ -133,11 +84,16 @@ def export_zoo_entry(name: str, outdir=None, exporter: str = "dynamo",
     path = entry.spec.onnx_path(exporter, Path(outdir) if outdir else default_cache_dir())
     if opset != DEFAULT_OPSET:
         path = path.with_name(f"{name}.{exporter}.opset{opset}.onnx")
-    if not force and path.is_file() and path.stat().st_mtime > _zoo_source_mtime():
+    if keep_bn:
+        path = path.with_name(path.name[:-len(".onnx")] + ".mapback.onnx")
+    if not force and _fresh(path, adopt=not keep_bn):
         return path
-    model = entry.factory()
-    return export_torch(model, entry.example_inputs(batch=2), path, exporter=exporter,
-                        opset=opset, dynamic_batch=True)
+    from converters.torch import export
+
+    export(entry.factory(), entry.example_inputs(batch=2), path, exporter=exporter,
+           opset=opset, dynamic_batch=True, keep_bn=keep_bn)
+    _stamp(path)
+    return path
 
 
 def export_zoo(outdir=None, exporter: str = "dynamo", opset: int = DEFAULT_OPSET,
