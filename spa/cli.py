@@ -1,4 +1,4 @@
-"""`spa analyze | prune | verify | bench` — exit codes: 0 success, 1 verification failed,
+"""`spa analyze | prune | verify | bench | convert` — exit codes: 0 success, 1 verification failed,
 2 usage error, 3 the model (or plan) cannot be processed."""
 from __future__ import annotations
 
@@ -211,6 +211,20 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    # The one place spa reaches into converters/ (models -> converters -> spa): lazily, so
+    # that spa itself never needs a framework.
+    import importlib.util
+    if importlib.util.find_spec(args.framework) is None:
+        raise UsageError(f"spa convert {args.framework} needs PyTorch: pip install "
+                         "'spa-prune[torch]' -c constraints.txt")
+    from converters.torch import convert
+    path = convert(args.factory, args.input_shape, args.output, state_dict=args.state_dict,
+                   exporter=args.exporter, opset=args.opset, keep_bn=not args.fold_bn)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spa", description="Structural pruning of ONNX models.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -262,6 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=50)
     b.add_argument("--json", help="write the rows as JSON")
     b.set_defaults(fn=cmd_bench)
+
+    c = sub.add_parser("convert", help="export a framework model to ONNX (docs/frameworks.md)")
+    c.add_argument("framework", choices=["torch"])
+    c.add_argument("factory", help="pkg.module:callable that returns the model")
+    c.add_argument("--input-shape", required=True, metavar="SHAPE",
+                   help="e.g. 1x3x224x224; several inputs comma-separated; 1x16:int64 for ids")
+    c.add_argument("--state-dict", help="weights file (torch.load, weights_only=True)")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"])
+    c.add_argument("--opset", type=int, default=18)
+    c.add_argument("--fold-bn", action="store_true",
+                   help="deployment export (BN folded); plans on it cannot be mapped back")
+    c.set_defaults(fn=cmd_convert)
     return p
 
 
@@ -273,6 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     except SpaError as exc:
         print(f"spa: error: {exc.describe()}", file=sys.stderr)
         return exc.exit_code
+    except MemoryError:
+        print("spa: error: out of memory while processing the model; nothing was written",
+              file=sys.stderr)
+        return 3
+    except Exception as exc:  # a bug of ours or an input we do not understand: no crash dump
+        if os.environ.get("SPA_DEBUG"):
+            raise
+        print(f"spa: error: cannot process the model ({type(exc).__name__}: {exc}); nothing "
+              "was written (set SPA_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # output piped into `head`: not an error of ours

@@ -122,9 +122,10 @@ class Coupler:
                     self.freeze(k, "coupled to a dynamic dimension")
             return
         if la != lb:
-            for k in (a, b):
-                self.freeze(k, f"lengths disagree ({la} vs {lb})")
-            return
+            raise SpaError(f"inconsistent shapes: axis {a[1]} of {a[0]!r} has length {la} but "
+                           f"axis {b[1]} of {b[0]!r} has length {lb}", file=self.model.path,
+                           node=self.node.name if self.node else None,
+                           op=self.node.op if self.node else None)
         idx = np.arange(la)
         self.couple_idx(a, idx, b, idx)
 
@@ -279,6 +280,7 @@ def analyze(model, progress=None) -> Analysis:
         c.node = node
         r = registry.get(proto)
         tensors = [t for t in list(proto.input) + list(proto.output) if t]
+        tensors += sorted(model.outer_refs.get(id(proto), ()))  # read inside subgraphs
         if r is None:
             if proto.op_type == "Constant" and proto.domain in ("", "ai.onnx"):
                 continue

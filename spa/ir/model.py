@@ -10,6 +10,7 @@ unknown, one ONNX Runtime run on dummy inputs fills it in.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ class Model:
     shapes: dict[str, tuple] = field(default_factory=dict)
     dtypes: dict[str, int] = field(default_factory=dict)
     nodes: list[onnx.NodeProto] = field(default_factory=list)  # topological order
+    outer_refs: dict = field(default_factory=dict)  # id(node) -> names its subgraphs read
 
     # -- queries -----------------------------------------------------------------------
     @property
@@ -91,7 +93,11 @@ class Model:
             self.consts[t.name] = _to_array(self, t)
             self.dtypes[t.name] = t.data_type
         known = set(self.consts) | {v.name for v in g.input} | {""}
+        self.outer_refs = {}
         for node in g.node:
+            refs = _outer_refs(node)
+            if refs:
+                self.outer_refs[id(node)] = refs
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 value = _constant_value(self, node)
                 if value is not None:
@@ -111,14 +117,17 @@ class Model:
         while pending:
             rest = []
             for node in pending:
-                if all(i in ready for i in node.input):
+                if all(i in ready for i in node.input) and \
+                        all(i in ready for i in self.outer_refs.get(id(node), ())):
                     order.append(node)
                     ready.update(o for o in node.output if o)
                 else:
                     rest.append(node)
             if len(rest) == len(pending):
                 node = rest[0]
-                missing = [i for i in node.input if i not in ready]
+                missing = [i for i in list(node.input) + sorted(self.outer_refs.get(id(node),
+                                                                                   ()))
+                           if i not in ready]
                 dangling = [i for i in missing if i not in self.producer]
                 if dangling:
                     raise self.error(f"input {dangling[0]!r} is not produced by any node, "
@@ -127,7 +136,7 @@ class Model:
             pending = rest
         self.nodes = order
         for node in order:
-            for i in node.input:
+            for i in list(node.input) + sorted(self.outer_refs.get(id(node), ())):
                 if i:
                     self.consumers.setdefault(i, []).append(node)
         for out in self.output_names:
@@ -135,9 +144,34 @@ class Model:
                 raise SpaError(f"graph output {out!r} is not produced by any node", file=self.path)
 
     def infer_shapes(self) -> None:
-        self.shapes, self.dtypes = infer_shapes(self), {**self.dtypes}
         for k, v in _infer_dtypes(self).items():
             self.dtypes.setdefault(k, v)
+        self.shapes = infer_shapes(self)
+
+
+def _outer_refs(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing scope."""
+    refs: set[str] = set()
+
+    def walk(graph, bound: set[str]):
+        bound = bound | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+        for n in graph.node:
+            for i in n.input:
+                if i and i not in bound:
+                    refs.add(i)
+            for a in n.attribute:
+                for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                           list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                    walk(sg, bound)
+            bound |= set(n.output)
+        for o in graph.output:
+            if o.name not in bound:
+                refs.add(o.name)
+    for a in node.attribute:
+        for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                   list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+            walk(sg, set())
+    return refs
 
 
 # ------------------------------------------------------------------------------------------
@@ -171,9 +205,34 @@ def from_proto(proto: onnx.ModelProto, *, path: str | None = None, base_dir: str
     _check_opset(model)
     _load_external(model, base_dir)
     model.index()
+    _check_schema(model)
     if infer:
         model.infer_shapes()
     return model
+
+
+def _check_schema(model: Model) -> None:
+    """The ONNX structural checker (op schemas, input counts, attribute types), run on the
+    skeleton so that big weights are not serialised."""
+    try:
+        structural_check(_skeleton(model))
+    except onnx.checker.ValidationError as exc:
+        msg = str(exc).strip().replace("\n", " ")
+        raise model.error(f"invalid ONNX model: {msg[:600]}")
+
+
+def structural_check(proto: onnx.ModelProto) -> None:
+    """onnx.checker without shape inference. An output declared without a shape is fine
+    for ONNX Runtime but not for the checker: such outputs are left out of the check."""
+    keep = [v for v in proto.graph.output
+            if not v.type.HasField("tensor_type") or v.type.tensor_type.HasField("shape")]
+    if len(keep) != len(proto.graph.output):
+        p = onnx.ModelProto()
+        p.CopyFrom(proto)
+        del p.graph.output[:]
+        p.graph.output.extend(keep)
+        proto = p
+    onnx.checker.check_model(proto)
 
 
 def _check_opset(model: Model) -> None:
@@ -332,12 +391,21 @@ def infer_shapes(model: Model) -> dict[str, tuple]:
     shapes: dict[str, tuple] = {}
     for name, arr in model.consts.items():
         shapes[name] = tuple(int(d) for d in arr.shape)
+    skeleton = _skeleton(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False,
-                                                     data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        _raise_if_inconsistent(model, str(exc))
+        inferred = None
+    except Exception:
+        inferred = None
+    try:
+        if inferred is None:  # best effort; the ORT fallback below fills the gaps
+            inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False,
+                                                         data_prop=True)
         vis = list(inferred.graph.value_info) + list(inferred.graph.input) + \
             list(inferred.graph.output)
-    except Exception:  # inference is best effort: the ORT fallback below fills the gaps
+    except Exception:
         vis = list(model.graph.input) + list(model.graph.output)
     # graph inputs/outputs keep their declared shapes (they define the interface)
     declared = {v.name: _dims_of(v.type) for v in list(model.graph.input) +
@@ -346,6 +414,8 @@ def infer_shapes(model: Model) -> dict[str, tuple]:
         d = _dims_of(v.type)
         if d is not None and v.name not in model.consts:
             shapes[v.name] = d
+        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+            model.dtypes.setdefault(v.name, v.type.tensor_type.elem_type)
     for k, d in declared.items():
         if d is not None and k not in model.consts:
             prev = shapes.get(k)
@@ -363,6 +433,19 @@ def infer_shapes(model: Model) -> dict[str, tuple]:
     if unknown:
         shapes.update(_runtime_shapes(model, unknown, shapes))
     return shapes
+
+
+_INCONSISTENT = re.compile(r"\(op_type:(\w+), node name: ([^)]*)\): \[ShapeInferenceError\] "
+                           r"((?:Incompatible|[^\n(]*mismatch)[^\n(]*)")
+
+
+def _raise_if_inconsistent(model: Model, message: str) -> None:
+    """Strict inference found a contradiction in the model's own shapes: refuse it."""
+    m = _INCONSISTENT.search(message)
+    if m:
+        op, node, reason = m.groups()
+        raise SpaError(f"inconsistent shapes: {reason.strip()}", file=model.path, node=node,
+                       op=op)
 
 
 def _runtime_shapes(model: Model, names: list[str], shapes: dict) -> dict[str, tuple]:

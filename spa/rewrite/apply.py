@@ -12,6 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import SpaError
+from ..ir.model import structural_check
 from ..ops import registry
 from ..ops.registry import Node
 
@@ -195,7 +196,7 @@ def check(proto: onnx.ModelProto, original: onnx.ModelProto | None = None,
             onnx.checker.check_model(original, full_check=True)
         except Exception:
             try:
-                onnx.checker.check_model(proto)
+                structural_check(proto)
                 return
             except Exception as exc:
                 error = exc
