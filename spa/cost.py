@@ -17,6 +17,7 @@ is the sum of the rules' multiply-accumulates; `memory` counts elements of every
 from __future__ import annotations
 
 import numpy as np
+from scipy.sparse import csr_matrix
 
 from .ops import registry
 from .ops.registry import Node
@@ -138,6 +139,10 @@ class CostModel:
         self.m_dim = np.asarray(m_dim, np.int64)
         self.m_owner, self.m_chans = cat(m_owner), cat(m_chans)
         self.n_multi = n_multi
+        # elements each channel owns in each variable dim (duplicates summed)
+        self.owns = csr_matrix((np.ones(len(self.s_dim)), (self.s_dim, self.s_chan)),
+                               shape=(self.n_var, self.n_channels))
+        self.owns_t = self.owns.T.tocsr()
         # which variable dims each tensor has
         by_tensor: dict[str, list[tuple[int, int]]] = {}
         for (t, ax), v in var.items():
@@ -198,7 +203,7 @@ class CostModel:
     def new_lengths(self, removed) -> np.ndarray:
         """New length of every variable dim when the given channels go."""
         rm = self._mask(removed)
-        cnt = np.bincount(self.s_dim, weights=rm[self.s_chan], minlength=self.n_var)
+        cnt = self.owns @ rm
         if self.n_multi:
             hit = np.bincount(self.m_owner, weights=rm[self.m_chans],
                               minlength=self.n_multi) > 0
@@ -269,7 +274,7 @@ class CostModel:
                     with np.errstate(divide="ignore", invalid="ignore"):
                         part = np.where(sub[:, k] > 0, size / np.maximum(sub[:, k], 1), 0.0)
                     np.add.at(grad, idx[:, k], part)
-        saving = np.bincount(self.s_chan, weights=grad[self.s_dim], minlength=self.n_channels)
+        saving = self.owns_t @ grad
         if self.n_multi:
             saving += np.bincount(self.m_chans, weights=grad[self.m_dim][self.m_owner],
                                   minlength=self.n_channels)

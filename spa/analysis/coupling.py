@@ -67,6 +67,7 @@ class Coupler:
         self.roles: dict[DimKey, str] = {}
         self.touched: set[DimKey] = set()
         self.structural: set[int] = set()
+        self.hidden: dict[DimKey, list] = {}
         self.literal_uses: dict[tuple, list[DimKey]] = {}
         self.node: Node | None = None
 
@@ -110,6 +111,16 @@ class Coupler:
         return f"{self.node.op} node {self.node.name!r}" if self.node else "graph"
 
     # -- relations --------------------------------------------------------------------------
+    def hidden_of(self, key: DimKey) -> list:
+        """Static atoms merged into a dynamic axis (outer→inner), as (dim key, length)."""
+        return self.hidden.get(key, [])
+
+    def hidden_atom(self, key: DimKey, length: int) -> DimKey:
+        """A static atom merged (as the inner factor) into the dynamic axis `key`."""
+        atom = self.virtual(f"hidden{len(self.hidden_of(key))}:{key[0]}/{key[1]}", length)
+        self.hidden[key] = self.hidden_of(key) + [(atom, length)]
+        return atom
+
     def couple(self, a: DimKey, b: DimKey) -> None:
         """Identity: index i of a is index i of b."""
         self.touched.update((a, b))
@@ -120,6 +131,19 @@ class Coupler:
             if isinstance(la, int) or isinstance(lb, int):
                 for k in (a, b):
                     self.freeze(k, "coupled to a dynamic dimension")
+                return
+            ha, hb = self.hidden_of(a), self.hidden_of(b)
+            if ha and not hb:
+                self.hidden[b] = ha
+            elif hb and not ha:
+                self.hidden[a] = hb
+            elif ha and hb and ha is not hb:
+                if [ln for _, ln in ha] == [ln for _, ln in hb]:
+                    for (ka, _), (kb, _) in zip(ha, hb):
+                        self.couple(ka, kb)
+                else:
+                    for k, _ in ha + hb:
+                        self.freeze(k, "dynamic axes with different hidden factors meet")
             return
         if la != lb:
             raise SpaError(f"inconsistent shapes: axis {a[1]} of {a[0]!r} has length {la} but "

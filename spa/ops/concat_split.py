@@ -131,9 +131,15 @@ def slice_(n, c):
     x, y = n.i(0), n.o(0)
     r = n.rank(x)
     params = _slice_params(n)
+    runtime_axes = None
+    if params is None:
+        axes = n.const(3) if n.i(3) else None
+        runtime_axes = set(range(r)) if axes is None else {norm_axis(int(a), r) for a in axes}
     for k in range(r):
+        if params is None and k in runtime_axes:
+            continue  # frozen below
         if params is None or k not in params:
-            c.couple((x, k), (y, k))  # frozen again below if sliced at runtime
+            c.couple((x, k), (y, k))
         elif params[k] is None:
             c.freeze((x, k), "slice of a dynamic axis")
             c.freeze((y, k), "slice of a dynamic axis")
@@ -146,12 +152,9 @@ def slice_(n, c):
                 c.couple_idx((x, k), np.array(rng), (y, k), np.arange(len(rng)))
             c.touched.add((x, k))
     if params is None:  # runtime starts/ends: only the sliced axes are frozen
-        axes = n.const(3) if n.i(3) else None
-        sliced = range(r) if axes is None else [norm_axis(int(a), r) for a in axes]
-        for k in range(r):
-            if k in sliced:
-                c.freeze((x, k), "slice parameters computed at runtime")
-                c.freeze((y, k), "slice parameters computed at runtime")
+        for k in sorted(runtime_axes):
+            c.freeze((x, k), "slice parameters computed at runtime")
+            c.freeze((y, k), "slice parameters computed at runtime")
     for t in n.inputs[1:]:
         touch(c, t or None)
 

@@ -2,62 +2,115 @@
 permutes them, Squeeze/Unsqueeze insert or drop length-1 axes, Expand/Tile broadcast."""
 from __future__ import annotations
 
+import numpy as np
+
 from .common import norm_axis, rewrite_target, target_axes_rule, touch, freeze_axes
 from .registry import rule
 
 
 def couple_reshape(n, c, x: str, y: str) -> None:
-    """Match runs of input and output axes with equal products: 1→1 is an identity,
-    k→1 a merge, 1→k a split (both products); k→m is frozen."""
+    """Reshape as atoms: both sides are cut at every stride boundary of either side, so
+    each axis is a row-major product of atoms (1 atom: an identity; several: a merge or a
+    split, both products). A dynamic axis (the batch) may carry static atoms merged into it
+    (torch's MultiheadAttention folds heads into the batch axis): they are tracked as the
+    axis' hidden factors and found again when the axis is split."""
     sx, sy = n.shape(x), n.shape(y)
     if sx is None or sy is None:
         return
     touch(c, x)
     touch(c, y)
-    ix = [a for a, d in enumerate(sx) if d != 1]
-    iy = [a for a, d in enumerate(sy) if d != 1]
-    i = j = 0
-    while i < len(ix) and j < len(iy):
-        a, b = ix[i], iy[j]
-        if sx[a] == sy[b] or not isinstance(sx[a], int) and not isinstance(sy[b], int):
-            c.couple((x, a), (y, b))  # equal, or both dynamic (e.g. the batch axis)
-            i, j = i + 1, j + 1
-            continue
-        if not isinstance(sx[a], int) or not isinstance(sy[b], int):
-            break
-        rx, ry, px, py = [a], [b], sx[a], sy[b]
-        i, j = i + 1, j + 1
-        ok = True
-        while px != py:
-            if px < py:
-                if i >= len(ix) or not isinstance(sx[ix[i]], int):
-                    ok = False
-                    break
-                px *= sx[ix[i]]
-                rx.append(ix[i])
-                i += 1
-            else:
-                if j >= len(iy) or not isinstance(sy[iy[j]], int):
-                    ok = False
-                    break
-                py *= sy[iy[j]]
-                ry.append(iy[j])
-                j += 1
-        if not ok:
-            i -= len(rx)
-            j -= len(ry)
-            break
-        if len(rx) == 1:
-            c.product((x, rx[0]), [(y, k) for k in ry])
-        elif len(ry) == 1:
-            c.product((y, ry[0]), [(x, k) for k in rx])
+    px, py = _parts(c, x, sx), _parts(c, y, sy)
+    segx, segy = _segments(px), _segments(py)
+    if segx is None or segy is None or len(segx) != len(segy):
+        _freeze_all(n, c, x, y, sx, sy, "reshape of dynamic axes that cannot be matched")
+        return
+    for k, ((symx, intx), (symy, inty)) in enumerate(zip(segx, segy)):
+        # dynamic axes carry no elements; their static atoms are in intx / inty
+        pxp = int(np.prod([ln for _, ln in intx])) if intx else 1
+        pyp = int(np.prod([ln for _, ln in inty])) if inty else 1
+        if pxp != pyp and k > 0 and symx is not None:
+            # the dynamic axis on one side absorbs static atoms of the other side
+            if pxp % pyp == 0:
+                atom = c.hidden_atom(symy, pxp // pyp)
+                inty = [(atom, pxp // pyp)] + inty
+            elif pyp % pxp == 0:
+                atom = c.hidden_atom(symx, pyp // pxp)
+                intx = [(atom, pyp // pxp)] + intx
+        if not _align(n, c, intx, inty):
+            for key, _ in intx + inty:
+                c.freeze(key, "reshape mixes several axes into several axes")
+
+
+def _freeze_all(n, c, x, y, sx, sy, why):
+    freeze_axes(n, c, x, [k for k, d in enumerate(sx) if d != 1], why)
+    freeze_axes(n, c, y, [k for k, d in enumerate(sy) if d != 1], why)
+
+
+def _parts(c, t, shape):
+    """Axis parts outer→inner: ("sym", key) for a dynamic axis followed by its hidden
+    static atoms, (key, length) for a static axis; length-1 axes dropped."""
+    parts = []
+    for k, d in enumerate(shape):
+        if isinstance(d, int):
+            if d != 1:
+                parts.append(((t, k), d))
         else:
-            for k in rx:
-                c.freeze((x, k), "reshape mixes several axes into several axes")
-            for k in ry:
-                c.freeze((y, k), "reshape mixes several axes into several axes")
-    freeze_axes(n, c, x, ix[i:], "reshape with dynamic lengths")
-    freeze_axes(n, c, y, iy[j:], "reshape with dynamic lengths")
+            parts.append(("sym", (t, k)))
+            parts.extend(c.hidden_of((t, k)))
+    return parts
+
+
+def _segments(parts):
+    """[(None, ints before the first dynamic axis), (dyn key, ints after it), ...]"""
+    segs = [(None, [])]
+    for p in parts:
+        if p[0] == "sym":
+            segs.append((p[1], []))
+        else:
+            segs[-1][1].append(p)
+    return segs
+
+
+def _align(n, c, xs, ys) -> bool:
+    """Couple two static part sequences with equal products through common atoms."""
+    if not xs and not ys:
+        return True
+    if int(np.prod([ln for _, ln in xs])) != int(np.prod([ln for _, ln in ys])):
+        return False
+
+    def bounds(seq):
+        out, acc = [], 1
+        for _, ln in reversed(seq):
+            acc *= ln
+            out.append(acc)
+        return out
+    cuts = sorted({1, *bounds(xs), *bounds(ys)})
+    if any(b % a for a, b in zip(cuts, cuts[1:])):
+        return False
+    atoms = [(lo, hi) for lo, hi in zip(cuts, cuts[1:])]   # atom = strides [lo, hi)
+
+    def atoms_of(seq):
+        res, acc = [], 1
+        for key, ln in reversed(seq):
+            mine = [a for a in atoms if a[0] >= acc and a[1] <= acc * ln]
+            res.append((key, list(reversed(mine))))
+            acc *= ln
+        return list(reversed(res))
+    ax, ay = atoms_of(xs), atoms_of(ys)
+    rep: dict = {}
+    for key, mine in ax + ay:          # an axis that is exactly one atom represents it
+        if len(mine) == 1:
+            if mine[0] in rep:
+                c.couple(rep[mine[0]], key)
+            else:
+                rep[mine[0]] = key
+    for a in atoms:
+        if a not in rep:
+            rep[a] = c.virtual(f"atom{a[0]}x{a[1] // a[0]}", a[1] // a[0])
+    for key, mine in ax + ay:
+        if len(mine) > 1:
+            c.product(key, [rep[a] for a in mine])
+    return True
 
 
 def _reshape_shrink(n, s):

@@ -141,7 +141,21 @@ class Constraints:
         a = self.analysis
         gof, loc = a.group_of_chan, a.local_of_chan
         removed = np.zeros(a.n_channels, bool) if removed is None else removed
+        priority = np.asarray(priority, np.int64)
+        priority = priority[self.eligible[gof[priority]] & ~removed[priority]]
         kept = self.size - np.bincount(gof[removed], minlength=len(self.size))
+        if (self.unit[gof[priority]] == 1).all() and \
+                not any(g in self.danger for g in np.unique(gof[priority]).tolist()):
+            # one channel per step and no member at risk: the k-th channel of a group in
+            # priority order may go while k < kept - min_keep (vectorised)
+            g = gof[priority]
+            order = np.argsort(g, kind="stable")
+            rank = np.empty(len(g), np.int64)
+            gs = g[order]
+            starts = np.searchsorted(gs, gs, side="left")
+            rank[order] = np.arange(len(g)) - starts
+            ok = rank < (kept - self.min_keep)[g]
+            return [np.array([c]) for c in priority[ok].tolist()]
         need = np.where((kept == self.size) & (self.size % self.unit != 0),
                         self.size % self.unit, self.unit)
         left = {}
@@ -150,11 +164,8 @@ class Constraints:
             left[g] = [total - int(cnt[rm_local].sum()) for total, cnt in ms]
         pending: dict[int, list[int]] = {}
         steps = []
-        elig = self.eligible
-        for c in np.asarray(priority, np.int64).tolist():
+        for c in priority.tolist():
             g = int(gof[c])
-            if not elig[g] or removed[c]:
-                continue
             p = pending.setdefault(g, [])
             if kept[g] - len(p) - 1 < self.min_keep[g]:
                 continue
@@ -220,13 +231,14 @@ class Stepper:
     def __init__(self, cm, metric: str, base: np.ndarray, steps: list[np.ndarray], sign: int):
         self.cm, self.metric, self.base, self.steps = cm, metric, base, steps
         self.value = not sign < 0   # True: steps remove channels; False: they restore them
+        self.flat = np.concatenate(steps) if steps else np.zeros(0, np.int64)
+        self.end = np.cumsum([0] + [len(x) for x in steps])
         self.cache: dict[int, int] = {}
         self.evals = 0
 
     def mask(self, k: int) -> np.ndarray:
         m = self.base.copy()
-        if k:
-            m[np.concatenate(self.steps[:k])] = self.value
+        m[self.flat[:self.end[k]]] = self.value
         return m
 
     def cost(self, k: int) -> int:

@@ -142,11 +142,11 @@ class _Program:
 
 def knapsack(analysis, scores: list[np.ndarray], target, *, normalize: str = "mean",
              max_group_loss: float = 0.9, round_to: int = 1, exact_only: bool = False,
-             tolerance: float = TOLERANCE, max_iter: int = 8, time_limit: float = 10.0,
-             criterion: str = "l2", options: dict | None = None):
+             tolerance: float = TOLERANCE, max_iter: int = 6, relinearize: int = 1,
+             time_limit: float = 10.0, criterion: str = "l2", options: dict | None = None):
     """Maximise kept normalised importance subject to cost <= fraction x original (and,
     where the channels allow, >= fraction - tolerance). Returns a Plan whose options record
-    the target, the fraction achieved and the solver rounds."""
+    the target, the fraction achieved, the MILP solves and the true cost after each."""
     target = parse_target(target)
     if normalize not in NORMALIZERS:
         raise UsageError(f"unknown normalisation {normalize!r} (use one of "
@@ -161,43 +161,65 @@ def knapsack(analysis, scores: list[np.ndarray], target, *, normalize: str = "me
     score = normalized(analysis, scores, normalize)
     prog = _Program(cons)
     chans = prog.chans
+    if len(chans) and score[chans].min() <= 0:  # importance must be positive, or dropping
+        lo_s = score[chans].min()               # a channel would pay by itself
+        score = score - lo_s + 1e-3 * max(float(np.ptp(score[chans])), 1e-9)
     w = score[chans]
-    if len(w) and w.min() <= 0:   # importance must be positive, or dropping it would pay
-        w = w - w.min() + 1e-3 * max(float(np.ptp(w)), 1e-9)
     n = analysis.n_channels
-    removed = np.zeros(n, bool)
     history = []
     if floor <= cm.original[metric] <= limit:     # nothing needs to go
-        max_iter = 0
-    best = None       # (in window?, cost) of the best solution so far, and its mask
-    for it in range(max_iter):
-        cost_x, saving = cm.linearize(removed, metric)
+        relinearize = 0
+    best = None       # (key, removed mask, true cost); key ranks in-window by importance
+    point = np.zeros(n, bool)
+    for _ in range(relinearize):
+        # the cost linearised at `point`; the linear budget b is corrected (secant steps
+        # inside a bracket) until the true cost of the solution lands in the window
+        cost_p, saving = cm.linearize(point, metric)
         a = saving[chans] / base
-        x0 = ~removed[chans]
-        rhs = (aim - cost_x) / base + float(a @ x0)
-        x = prog.solve(w, a, rhs, time_limit)
-        if x is None:
+        const = float(a @ ~point[chans]) - cost_p / base
+        b, lo_b, hi_b, prev = aim, None, None, None
+        found = False
+        for _ in range(max_iter):
+            x = prog.solve(w, a, b / base + const, time_limit)
+            if x is None:                    # budget below what the constraints allow
+                lo_b = b
+                nb = b + 0.5 * abs(aim - cost_p) + tolerance * base
+            else:
+                nxt = np.zeros(n, bool)
+                nxt[chans[~x]] = True
+                c = cm.evaluate(nxt, (metric,))[metric]
+                history.append(round(c / base, 6))
+                inside = floor <= c <= limit
+                key = (inside, float(w @ x) if inside else -abs(c - aim))
+                if best is None or key > best[0]:
+                    best = (key, nxt, c)
+                if inside:
+                    found = True
+                    break
+                if c > limit:
+                    hi_b = b
+                else:
+                    lo_b = b
+                slope = 1.0
+                if prev is not None and prev[1] != c and prev[0] != b:
+                    slope = (prev[0] - b) / (prev[1] - c)
+                    slope = min(max(slope, 0.1), 10.0)
+                prev = (b, c)
+                nb = b + slope * (aim - c)
+            if lo_b is not None and hi_b is not None and not lo_b < nb < hi_b:
+                nb = (lo_b + hi_b) / 2
+            b = nb
+        if not found:
             break
-        nxt = np.zeros(n, bool)
-        nxt[chans[~x]] = True
-        c = cm.evaluate(nxt, (metric,))[metric]
-        history.append(round(c / base, 6))
-        inside = floor <= c <= limit
-        cand = (inside, -abs(c - aim))
-        if best is None or cand > best[0]:
-            best = (cand, nxt, c)
-        if inside or np.array_equal(nxt, removed):
-            break
-        removed = nxt
+        point = best[1]
     if best is None:
         removed, c = np.zeros(n, bool), cm.original[metric]
     else:
         _, removed, c = best
-    rounds = len(history)
     removed = _repair(cm, metric, cons, removed, c, limit, floor, score, target, base)
     achieved = cm.evaluate(removed, (metric,))[metric] / base
     opts = {"select": "knapsack", "normalize": normalize, "target": target.to_json(),
-            "achieved": round(achieved, 6), "rounds": rounds, **(options or {})}
+            "achieved": round(achieved, 6), "solves": history, **(options or {})}
     return cons.plan(removed, criterion, opts)
 
 
