@@ -1,5 +1,5 @@
-"""`spa analyze | prune | verify | bench | convert` — exit codes: 0 success, 1 verification failed,
-2 usage error, 3 the model (or plan) cannot be processed."""
+"""`spa analyze | prune | verify | bench | convert` — exit codes: 0 success, 1 verification
+failed, 2 usage error, 3 the model (or plan) cannot be processed."""
 from __future__ import annotations
 
 import argparse
