@@ -91,7 +91,7 @@ class Plan:
                 raise PlanError(f"group {g}: indices out of range 0..{size - 1}", file=source)
             if not ks:
                 raise PlanError(f"group {g}: at least one channel must be kept", file=source)
-        removed = self.removed(analysis)
+        removed = analysis.removed_table(self.removed(analysis))
         for key in analysis.member_keys():
             m = analysis.removed_mask(key, removed)
             if m is not None and len(m) and m.all():
@@ -109,10 +109,11 @@ class Plan:
 
     def kept_indices(self, analysis) -> dict[tuple, np.ndarray]:
         """Kept element indices of every dim that loses something."""
-        removed = self.removed(analysis)
+        ids = self.removed(analysis)
         kept = {}
-        if not len(removed):
+        if not len(ids):
             return kept
+        removed = analysis.removed_table(ids)
         for key in analysis.member_keys():
             m = analysis.removed_mask(key, removed)
             if m is not None and m.any():

@@ -248,20 +248,27 @@ class Analysis:
         lab = self.label[c.base[d]:c.base[d] + c.length[d]]
         return self.chan_of_class[lab]
 
+    def removed_table(self, removed) -> np.ndarray:
+        """Boolean over all channels: True for the removed ones."""
+        table = np.zeros(self.n_channels + 1, bool)  # last slot: index -1 (not prunable)
+        table[np.asarray(removed, dtype=np.int64)] = True
+        return table
+
     def removed_mask(self, key: DimKey, removed: np.ndarray) -> np.ndarray | None:
-        """Boolean mask of elements removed from `key` when global channels `removed` go."""
+        """Boolean mask of elements removed from `key` when global channels `removed` go
+        (`removed`: channel ids, or a table from `removed_table`)."""
         ch = self.dim_channels(key)
         if ch is None:
             return None
-        gone = np.isin(ch, removed)
+        table = removed if removed.dtype == bool else self.removed_table(removed)
+        gone = table[np.where(ch >= 0, ch, self.n_channels)]
         several = np.nonzero(ch == -2)[0]
         if len(several):
             c = self.coupler
             d = c.dims[key]
             lab = self.label[c.base[d] + several]
-            rem = set(int(x) for x in removed)
             for k, cl in zip(several, lab):
-                if any(ch_ in rem for ch_ in self.multi[int(cl)]):
+                if table[self.multi[int(cl)]].any():
                     gone[k] = True
         return gone
 
@@ -497,8 +504,9 @@ def _resolve(model, c: Coupler, opaque: list[dict]) -> Analysis:
     group_of_chan = np.array([comp_gid[int(class_comp[cl])] for cl in order], np.int64)
     local_of_chan = np.zeros(len(order), np.int64)
     group_chans: list[np.ndarray] = []
+    bounds = np.searchsorted(group_of_chan, np.arange(len(comp_order) + 1))  # sorted by group
     for g in range(len(comp_order)):
-        ids = np.nonzero(group_of_chan == g)[0]
+        ids = np.arange(bounds[g], bounds[g + 1])
         local_of_chan[ids] = np.arange(len(ids))
         group_chans.append(ids)
 

@@ -22,14 +22,16 @@ def score(analysis, criterion: str = "l2", seed: int = 0) -> list[np.ndarray]:
         glob = rng.random(n)
     elif criterion in ("l1", "l2"):
         glob = np.zeros(n)
+        powered = {}  # |w| or w², once per tensor (it may have several pruned axes)
         for key, arr in _param_dims(analysis):
             ch = analysis.dim_channels(key)
             if ch is None or not (ch >= 0).any() and not (ch == -2).any():
                 continue
             axes = tuple(k for k in range(arr.ndim) if k != key[1])
-            a = np.abs(arr.astype(np.float64))
-            per = (a if criterion == "l1" else a * a).sum(axis=axes) if axes else \
-                (a if criterion == "l1" else a * a)
+            if key[0] not in powered:
+                powered[key[0]] = np.abs(arr) if criterion == "l1" else np.square(arr)
+            a = powered[key[0]]
+            per = a.sum(axis=axes, dtype=np.float64) if axes else a.astype(np.float64)
             ok = ch >= 0
             glob += np.bincount(ch[ok], weights=per[ok], minlength=n)
             for j in np.nonzero(ch == -2)[0]:

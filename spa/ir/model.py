@@ -9,6 +9,8 @@ unknown, one ONNX Runtime run on dummy inputs fills it in.
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import re
 import tempfile
@@ -195,8 +197,10 @@ def load(path: str, *, infer: bool = True) -> Model:
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise SpaError("the protobuf parsed but holds no ONNX graph (is this an ONNX model?)",
                        file=path)
-    return from_proto(proto, path=path, base_dir=os.path.dirname(os.path.abspath(path)),
-                      infer=infer)
+    model = from_proto(proto, path=path, base_dir=os.path.dirname(os.path.abspath(path)),
+                       infer=infer)
+    model.__dict__["_sha256"] = hashlib.sha256(data).hexdigest()  # the plan's model id
+    return model
 
 
 def from_proto(proto: onnx.ModelProto, *, path: str | None = None, base_dir: str | None = None,
@@ -302,7 +306,7 @@ _ITEMSIZE = {TensorProto.FLOAT: 4, TensorProto.DOUBLE: 8, TensorProto.FLOAT16: 2
 
 
 def _tensor_nbytes(t: TensorProto) -> int:
-    return int(np.prod(t.dims, dtype=np.int64)) * _ITEMSIZE.get(t.data_type, 1)
+    return math.prod(t.dims) * _ITEMSIZE.get(t.data_type, 1)
 
 
 def _check_tensor_size(model: Model, t: TensorProto) -> None:
@@ -314,17 +318,14 @@ def _check_tensor_size(model: Model, t: TensorProto) -> None:
         if n > MAX_TENSOR_ELEMENTS:
             raise model.error(f"tensor {t.name!r} declares an absurd size {list(t.dims)}; "
                               "refusing to allocate it")
-    if t.data_location != TensorProto.EXTERNAL and t.HasField("raw_data") \
-            and len(t.raw_data) != _tensor_nbytes(t) and t.data_type in _ITEMSIZE:
-        raise model.error(f"tensor {t.name!r} has {len(t.raw_data)} bytes of data but its "
-                          f"shape {list(t.dims)} needs {_tensor_nbytes(t)}")
+    # (a raw_data length that disagrees with the dims is caught when the tensor is decoded)
 
 
 def _to_array(model: Model, t: TensorProto) -> np.ndarray:
     try:
         return numpy_helper.to_array(t)
     except Exception as exc:
-        raise model.error(f"cannot decode tensor {t.name!r}: {exc}")
+        raise model.error(f"cannot decode tensor {t.name!r} (shape {list(t.dims)}): {exc}")
 
 
 def _constant_value(model: Model, node: onnx.NodeProto) -> np.ndarray | None:
@@ -376,9 +377,9 @@ def _skeleton(model: Model) -> onnx.ModelProto:
     init_names = {t.name for t in g.initializer}
     sg.input.extend(v for v in g.input if v.name not in init_names)
     for t in g.initializer:
-        small = int(np.prod(t.dims, dtype=np.int64)) <= 64 or (
-            t.data_type in (TensorProto.INT64, TensorProto.INT32)
-            and int(np.prod(t.dims, dtype=np.int64)) <= 4096)
+        size = math.prod(t.dims)
+        small = size <= 64 or (t.data_type in (TensorProto.INT64, TensorProto.INT32)
+                               and size <= 4096)
         if small:
             sg.initializer.append(t)
         else:
@@ -510,8 +511,13 @@ def save_atomic(proto: onnx.ModelProto, path: str, *, external_data: bool | None
     d = os.path.dirname(path)
     if not os.path.isdir(d):
         raise SpaError("the output directory does not exist", file=path)
-    if external_data is None:
-        external_data = proto.ByteSize() > 1_800_000_000
+    data = None
+    if not external_data:
+        try:
+            data = proto.SerializeToString(deterministic=True)
+        except ValueError:  # over protobuf's 2 GB limit
+            data = None
+        external_data = data is None or len(data) > 1_800_000_000
     fd, tmp = tempfile.mkstemp(prefix=".spa-", suffix=".onnx.tmp", dir=d)
     os.close(fd)
     try:
@@ -533,7 +539,7 @@ def save_atomic(proto: onnx.ModelProto, path: str, *, external_data: bool | None
             os.replace(tmp_data, os.path.join(d, data_name))
         else:
             with open(tmp, "wb") as f:
-                f.write(proto.SerializeToString(deterministic=True))
+                f.write(data)
         os.replace(tmp, path)
     except BaseException:
         for p in (tmp,):

@@ -12,7 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import SpaError
-from ..ir.model import structural_check
+from ..ir.model import Model, _skeleton, structural_check
 from ..ops import registry
 from ..ops.registry import Node
 
@@ -105,6 +105,52 @@ class Shrinker:
         self.proto.graph.initializer.extend(self.new_inits)
 
 
+def _sliced_consts(model, kept: dict) -> dict[str, np.ndarray]:
+    by_tensor: dict[str, list] = {}
+    for (t, ax), idx in kept.items():
+        if t in model.consts:
+            by_tensor.setdefault(t, []).append((ax, idx))
+    out = {}
+    for t, axes in by_tensor.items():
+        arr = model.consts[t]
+        for ax, idx in sorted(axes):
+            arr = np.take(arr, idx, axis=ax)
+        out[t] = np.ascontiguousarray(arr)
+    return out
+
+
+def _copy_with(src: onnx.ModelProto, new_inits: dict) -> onnx.ModelProto:
+    """A copy of the model in which the initializers named in `new_inits` are replaced,
+    without copying their old data first (weights dominate the cost of a copy)."""
+    proto = onnx.ModelProto()
+    for fd, value in src.ListFields():
+        if fd.name != "graph":
+            if fd.is_repeated:
+                getattr(proto, fd.name).extend(value)
+            elif fd.message_type is not None:
+                getattr(proto, fd.name).CopyFrom(value)
+            else:
+                setattr(proto, fd.name, value)
+    g, sg = proto.graph, src.graph
+    for fd, value in sg.ListFields():
+        if fd.name == "initializer":
+            continue
+        if fd.is_repeated:
+            getattr(g, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(g, fd.name).CopyFrom(value)
+        else:
+            setattr(g, fd.name, value)
+    for t in sg.initializer:
+        if t.name in new_inits:
+            nt = numpy_helper.from_array(new_inits[t.name], t.name)
+            nt.doc_string = t.doc_string
+            g.initializer.append(nt)
+        else:
+            g.initializer.append(t)
+    return proto
+
+
 def _sort_attrs(node: onnx.NodeProto, original: onnx.NodeProto) -> None:
     order = {a.name: k for k, a in enumerate(original.attribute)}
     attrs = sorted(node.attribute, key=lambda a: (order.get(a.name, 1 << 20), a.name))
@@ -116,8 +162,8 @@ def apply_plan(model, analysis, plan) -> onnx.ModelProto:
     """Return a new ModelProto with the plan applied (the input model is not modified)."""
     plan.validate(analysis)
     kept = plan.kept_indices(analysis)
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
+    sliced = _sliced_consts(model, kept)
+    proto = _copy_with(model.proto, sliced)
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
     const_nodes = {n.output[0]: n for n in g.node
@@ -141,15 +187,9 @@ def apply_plan(model, analysis, plan) -> onnx.ModelProto:
         else:
             raise SpaError(f"constant {name!r} not found while rewriting", file=model.path)
 
-    # 1. slice every constant along its pruned axes
-    by_tensor: dict[str, list] = {}
-    for (t, ax), idx in kept.items():
-        by_tensor.setdefault(t, []).append((ax, idx))
-    for t, axes in by_tensor.items():
-        if t in model.consts:
-            arr = model.consts[t]
-            for ax, idx in sorted(axes):
-                arr = np.take(arr, idx, axis=ax)
+    # 1. constants sliced along their pruned axes (initializers were placed by _copy_with)
+    for t, arr in sliced.items():
+        if t not in inits:
             write_const(t, arr)
     # 2. attributes and shape operands, by each op's rule
     s = Shrinker(model, proto, kept)
@@ -186,14 +226,14 @@ def check(proto: onnx.ModelProto, original: onnx.ModelProto | None = None,
     """The output must pass the full ONNX checker (with strict shape inference). Where the
     original itself does not pass the full check (ops whose shapes ONNX cannot infer, e.g.
     function ops), the pruned model must pass the structural check."""
-    try:
-        onnx.checker.check_model(proto, full_check=True)
+    try:  # on the skeleton (weights as typed inputs): same graph, nothing big serialised
+        onnx.checker.check_model(_skeleton(Model(proto=proto)), full_check=True)
         return
     except Exception as exc:
         error = exc
     if original is not None:
         try:
-            onnx.checker.check_model(original, full_check=True)
+            onnx.checker.check_model(_skeleton(Model(proto=original)), full_check=True)
         except Exception:
             try:
                 structural_check(proto)

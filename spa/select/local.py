@@ -12,10 +12,10 @@ def _member_counts(analysis, g: int) -> list[np.ndarray]:
     """For each member dim of group g: how many of its elements each channel owns."""
     size = analysis.groups[g].channels
     out = []
-    gchans = analysis.group_chans[g]
     for m in analysis.groups[g].members:
         ch = analysis.dim_channels((m["tensor"], m["axis"]))
-        sel = ch[np.isin(ch, gchans)]
+        sel = ch[ch >= 0]
+        sel = sel[analysis.group_of_chan[sel] == g]
         if len(sel) == 0:
             continue
         counts = np.bincount(analysis.local_of_chan[sel], minlength=size)
