@@ -220,9 +220,9 @@ def _check_schema(model: Model) -> None:
     skeleton so that big weights are not serialised."""
     try:
         structural_check(_skeleton(model))
-    except onnx.checker.ValidationError as exc:
+    except Exception as exc:  # ValidationError, or undecodable strings (UnicodeDecodeError)
         msg = str(exc).strip().replace("\n", " ")
-        raise model.error(f"invalid ONNX model: {msg[:600]}")
+        raise model.error(f"invalid ONNX model ({type(exc).__name__}): {msg[:600]}")
 
 
 def structural_check(proto: onnx.ModelProto) -> None:
