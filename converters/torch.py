@@ -389,7 +389,8 @@ def _as_plan(plan):
     return plan
 
 
-def apply_plan(module, model, plan, *, example_inputs=None, rtol: float = 1e-5) -> dict:
+def apply_plan(module, model, plan, *, example_inputs=None, rtol: float = 1e-5,
+               attributes: dict | None = None) -> dict:
     """Shrink `module` in place to match `plan`, a plan SPA made on `model` -- the ONNX
     file (path or ``spa.load``-ed Model) exported from this module by ``export(...,
     keep_bn=True)``. `plan` is a ``spa.Plan``, its JSON dict or a plan file.
@@ -404,6 +405,9 @@ def apply_plan(module, model, plan, *, example_inputs=None, rtol: float = 1e-5) 
     (max |difference| <= `rtol` * max |output|). This catches what no parameter shape can
     show: forward code that fixes a width the plan changes (``x.reshape(b, n, d)`` with ``d``
     read from the input, ``chunk(2)`` where the plan cut two halves unequally).
+
+    `attributes` sets module attributes by qualified name (``{"b2.c": 8}``; None leaves one
+    unchanged) where the inference below would guess wrong or give up.
 
     Raises MapBackError naming the parameter or module when something cannot be carried
     over: a pruned initializer that is no parameter while some parameter is missing from
@@ -511,7 +515,7 @@ def apply_plan(module, model, plan, *, example_inputs=None, rtol: float = 1e-5) 
     undo: list = []
     try:
         _slice(table, pruned_shapes, source, report, undo)
-        _Attrs(module, table, analysis, pruned, source, report, undo).update()
+        _Attrs(module, table, analysis, pruned, source, report, undo, attributes).update()
         if example_inputs is not None:
             _check_outputs(module, pruned, example_inputs, rtol, source)
     except BaseException:
@@ -610,9 +614,11 @@ def _check_outputs(module, pruned, example_inputs, rtol, source) -> None:
 class _Attrs:
     """Bring module attributes in line with the new parameter shapes."""
 
-    def __init__(self, module, table, analysis, pruned, source, report, undo):
+    def __init__(self, module, table, analysis, pruned, source, report, undo, overrides):
         self.module, self.table, self.analysis = module, table, analysis
         self.source, self.report, self.undo = source, report, undo
+        self.overrides = dict(overrides or {})
+        self.used: set[str] = set()
         self.groups_attr: dict[str, int] = {}
         for n in pruned.graph.node:
             if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1:
@@ -624,16 +630,47 @@ class _Attrs:
                 self.own.setdefault(id(owner), []).append((attr, e))
 
     # -- helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _key(mname, attr):
+        return f"{mname}.{attr}" if mname else attr
+
     def _set(self, mname, m, attr, value):
+        key = self._key(mname, attr)
+        if key in self.overrides:          # the caller knows better
+            self.used.add(key)
+            value = self.overrides[key]
+            if value is None:
+                return
         old = getattr(m, attr)
         if old != value:
             self.undo.append(lambda: setattr(m, attr, old))
             setattr(m, attr, value)
-            self.report["attributes"][f"{mname}.{attr}" if mname else attr] = [old, value]
+            self.report["attributes"][key] = [old, value]
 
     def _fail(self, mname, m, why):
         raise MapBackError(f"module {mname or '<root>'!r} ({type(m).__name__}): {why}",
                            file=self.source)
+
+    def _cannot_infer(self, mname, m, attr, v, why):
+        self._fail(mname, m, f"cannot infer the new value of the integer attribute {attr!r} "
+                   f"(was {v}): {why}. If the attribute is not a width, or you know its "
+                   f"value, pass attributes={{{self._key(mname, attr)!r}: <value or None "
+                   "to leave it>}} to apply_plan")
+
+    def _apply_remaining_overrides(self):
+        for key, value in self.overrides.items():
+            if key in self.used:
+                continue
+            mname, _, attr = key.rpartition(".")
+            try:
+                m = self.module.get_submodule(mname)
+            except AttributeError:
+                m = None
+            if m is None or not hasattr(m, attr):
+                raise MapBackError(f"attributes: the module has no attribute {key!r}",
+                                   file=self.source)
+            if value is not None:
+                self._set(mname, m, attr, value)
 
     def _tensor(self, m, attr):
         for a, e in self.own.get(id(m), ()):
@@ -694,6 +731,7 @@ class _Attrs:
                 continue  # parameter-free torch layers (activations, pools, containers)
             else:
                 self._custom(mname, m)
+        self._apply_remaining_overrides()
 
     def _changed(self, m, recurse=False):
         mods = m.modules() if recurse else [m]
@@ -784,6 +822,9 @@ class _Attrs:
         axes = self._axes_in_subtree(m)
         changed = [(a, b, h) for a, b, h in axes if a != b]
         for attr, v in ints.items():
+            if self._key(mname, attr) in self.overrides:
+                self._set(mname, m, attr, v)
+                continue
             if v <= 1 or _PER_HEAD.search(attr):
                 continue   # SPA removes whole heads: per-head sizes and repeats stay
             if _HEAD_COUNT.search(attr):
@@ -791,17 +832,16 @@ class _Attrs:
                          and (v * b) % a == 0}
                 bad = [(a, b) for a, b, h in changed if h and a % v == 0 and (v * b) % a]
                 if bad or len(cands) > 1:
-                    self._fail(mname, m, f"cannot infer the new value of {attr!r} (was {v}): "
-                               f"the heads below it shrink inconsistently "
-                               f"({sorted(cands)}{', ' if bad else ''}"
-                               f"{', '.join(f'{a}->{b}' for a, b in bad)})")
+                    self._cannot_infer(mname, m, attr, v,
+                                       f"the heads below it shrink inconsistently "
+                                       f"({sorted(cands)}{', ' if bad else ''}"
+                                       f"{', '.join(f'{a}->{b}' for a, b in bad)})")
                 if cands:
                     self._set(mname, m, attr, cands.pop())
                 continue
             cands = {b for a, b, h in axes if a == v}
             if len(cands) > 1:
-                self._fail(mname, m, f"cannot infer the new value of the integer attribute "
-                           f"{attr!r} (was {v}): axes of length {v} below it now have "
-                           f"lengths {sorted(cands)}")
+                self._cannot_infer(mname, m, attr, v, f"axes of length {v} below it now have "
+                                   f"lengths {sorted(cands)}")
             if cands:
                 self._set(mname, m, attr, cands.pop())
