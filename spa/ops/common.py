@@ -160,6 +160,10 @@ def _shape_source(model, t):
             return None
         step = int(steps[0]) if steps is not None else 1
         return s[slice(int(st[0]), int(min(en[0], 1 << 30)), step)]
+    if op == "Where":  # Where(Equal(s, -1), ones, s): the legacy exporter's Expand target
+        cond = model.producer.get(node.input[0])
+        if cond is not None and cond.op_type == "Equal" and node.input[2] in cond.input:
+            return _through(model, node, t, shape_source(model, node.input[2]))
     if op == "Mul":  # products of runtime lengths (legacy exports merge axes this way)
         sa = _through(model, node, t, shape_source(model, n.i(0)))
         sb = _through(model, node, t, shape_source(model, n.i(1)))
