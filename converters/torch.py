@@ -707,12 +707,7 @@ class _Attrs:
                 if s is not None:
                     self._set(mname, m, "normalized_shape", tuple(s))
             elif isinstance(m, nn.GroupNorm):
-                s = self._shape(m, "weight")
-                if s is not None:
-                    if s[0] % m.num_groups:
-                        self._fail(mname, m, f"{s[0]} channels left, not divisible by "
-                                   f"num_groups={m.num_groups}")
-                    self._set(mname, m, "num_channels", s[0])
+                self._group_norm(mname, m)
             elif isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
                 w = self._shape(m, "weight")
                 if w is not None:
@@ -756,6 +751,25 @@ class _Attrs:
         self._set(mname, m, "in_channels", in_ch)
         self._set(mname, m, "out_channels", out_ch)
         self._set(mname, m, "groups", groups)
+
+    def _group_norm(self, mname, m):
+        e = self._tensor(m, "weight")
+        if e is None or not e.kept:
+            if self._changed(m):
+                self._fail(mname, m, "GroupNorm without affine parameters: its new width is "
+                           "unknown")
+            return
+        old_c, new_c = e.old_shape[0], e.tensor.shape[0]
+        if self._is_heads(e.onnx_name, 0):    # whole groups went: groups keep their size
+            per = old_c // m.num_groups
+            groups = new_c // per
+        else:                                 # every group lost the same channels
+            groups = m.num_groups
+        if groups < 1 or new_c % groups:
+            self._fail(mname, m, f"{new_c} channels left do not divide into groups "
+                       f"(num_groups was {m.num_groups})")
+        self._set(mname, m, "num_groups", groups)
+        self._set(mname, m, "num_channels", new_c)
 
     def _mha(self, mname, m):
         if not self._changed(m, recurse=True):

@@ -368,3 +368,33 @@ def test_cli_convert(tmp_path):
                  "-o", str(bad)]) == 2
     assert main(base[:-1] + ["-o", str(bad), "--state-dict", str(tmp_path / "none.pt")]) == 2
     assert not bad.exists()
+
+
+class _Norms(torch.nn.Module):
+    """Layers the zoo lacks: GroupNorm (SPA prunes whole groups), PReLU, InstanceNorm,
+    grouped ConvTranspose, Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.c1, self.gn, self.act = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), \
+            nn.PReLU(16)
+        self.c2, self.inorm = nn.Conv2d(16, 16, 3, padding=1), nn.InstanceNorm2d(16, affine=True)
+        self.up, self.c3 = nn.ConvTranspose2d(16, 8, 2, stride=2, groups=2), nn.Conv1d(8, 8, 3)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.up(self.inorm(self.c2(self.act(self.gn(self.c1(x))))))
+        return self.fc(self.c3(y.flatten(2)).mean(-1))
+
+
+def test_group_norm_loses_whole_groups(tmp_path):
+    torch.manual_seed(0)
+    module = _Norms().eval()
+    x = torch.randn(2, 3, 8, 8)
+    path = export(module, (x,), tmp_path / "norms.onnx")
+    model = spa.load(str(path))
+    res = spa.prune(model, ratio=0.5)
+    report = apply_plan(module, model, res.plan, example_inputs=(x,))
+    assert report["attributes"]["gn.num_groups"] == [4, 2]
+    assert module.gn.num_channels == module.act.num_parameters == module.c2.in_channels == 8
