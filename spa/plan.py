@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,8 @@ class Plan:
 
     # -- serialisation ---------------------------------------------------------------------
     def to_json(self) -> dict:
-        return {"format": FORMAT, "model_sha256": self.model_sha256,
+        digest = None if self.model_sha256 is None else str(self.model_sha256)
+        return {"format": FORMAT, "model_sha256": digest,
                 "criterion": self.criterion, "options": self.options,
                 "groups": [{"id": g, "channels": self.sizes[g], "keep": self.keep[g]}
                            for g in sorted(self.keep)]}
@@ -73,7 +75,9 @@ class Plan:
     def validate(self, analysis, source: str | None = None) -> None:
         """Raise PlanError unless the plan fits this model's groups and constraints."""
         model = analysis.model
-        if self.model_sha256 and model_sha256(model) != self.model_sha256:
+        ours = self.model_sha256
+        same_object = isinstance(ours, ModelDigest) and ours.model is model
+        if ours and not same_object and str(model_sha256(model)) != str(ours):
             raise PlanError("the plan was made for a different model (sha256 differs)",
                             file=source)
         n = len(analysis.groups)
@@ -125,9 +129,31 @@ class Plan:
                 if len(ks) < analysis.groups[g].channels and not analysis.groups[g].exact]
 
 
-def model_sha256(model) -> str:
-    h = model.__dict__.get("_sha256")
-    if h is None:
-        h = hashlib.sha256(model.proto.SerializeToString(deterministic=True)).hexdigest()
-        model.__dict__["_sha256"] = h
-    return h
+class ModelDigest:
+    """The sha256 of a model, computed only when it is needed (a plan written to disk, or a
+    plan from disk checked against a model): hashing a 400 MB model costs half a second."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __str__(self) -> str:
+        h = self.model.__dict__.get("_sha256")
+        if h is None:
+            path = self.model.path
+            if path and os.path.isfile(path):  # the bytes the model was loaded from
+                d = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 24), b""):
+                        d.update(chunk)
+                h = d.hexdigest()
+            else:
+                h = hashlib.sha256(self.model.proto.SerializeToString(deterministic=True)
+                                   ).hexdigest()
+            self.model.__dict__["_sha256"] = h
+        return h
+
+    __repr__ = __str__
+
+
+def model_sha256(model) -> ModelDigest:
+    return ModelDigest(model)

@@ -9,7 +9,6 @@ unknown, one ONNX Runtime run on dummy inputs fills it in.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -199,7 +198,6 @@ def load(path: str, *, infer: bool = True) -> Model:
                        file=path)
     model = from_proto(proto, path=path, base_dir=os.path.dirname(os.path.abspath(path)),
                        infer=infer)
-    model.__dict__["_sha256"] = hashlib.sha256(data).hexdigest()  # the plan's model id
     return model
 
 
