@@ -1,5 +1,6 @@
 """Budget selection benchmark: FLOPs (MAC) target vs achieved, and the time to plan, for the
-three selections on ResNet-56 (CIFAR-style, 28x28 input) and a few zoo models.
+three selections on ResNet-56 (CIFAR-style, 28x28 input), a few zoo models and (with
+--models ... resnet50) a ResNet-50-sized synthetic model.
 
     python benchmarks/budgets.py                   # prints a markdown table
     python benchmarks/budgets.py --models resnet56 --fractions 0.5
@@ -51,6 +52,15 @@ def model_path(name: str) -> str:
                     mod.bias.data.normal_(0, 0.1)
             os.makedirs(CACHE, exist_ok=True)
             export_onnx(net, path)
+        return path
+    if name == "resnet50":     # models.synthetic's ResNet-50 (224x224, seeded weights)
+        path = os.path.join(CACHE, "budgets-resnet50.onnx")
+        if not os.path.exists(path):
+            import onnx
+            from models.synthetic import resnet50_like
+            os.makedirs(CACHE, exist_ok=True)
+            onnx.save(resnet50_like(), path + ".tmp")
+            os.replace(path + ".tmp", path)
         return path
     from models.export import export_zoo_entry
     return str(export_zoo_entry(name, exporter="dynamo"))
