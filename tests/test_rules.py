@@ -464,3 +464,34 @@ def test_quantize_dequantize_per_channel():
     y = g.op("Relu", [g.op("Conv", [x, w], pads=[1, 1, 1, 1])])
     g.output(g.conv(y, 6, 2))
     oracle(g.model())
+
+
+def test_scalar_shape_literals_keep_their_rank():
+    """Legacy exports without constant folding: Reshape target = Concat(Unsqueeze(scalar))."""
+    g = G()
+    x = g.input(["B", 4, 8])
+    q = g.op("MatMul", [x, g.w(8, 8)])
+    sh = g.op("Shape", [q])
+    b = g.op("Unsqueeze", [g.op("Gather", [sh, g.const(np.array(0, np.int64))]), g.ints(0)])
+    t = g.op("Unsqueeze", [g.op("Gather", [sh, g.const(np.array(1, np.int64))]), g.ints(0)])
+    heads = g.op("Unsqueeze", [g.const(np.array(4, np.int64)), g.ints(0)])
+    dh = g.op("Unsqueeze", [g.const(np.array(2, np.int64)), g.ints(0)])
+    r = g.op("Relu", [g.op("Reshape", [q, g.op("Concat", [b, t, heads, dh], axis=0)])])
+    back = g.op("Reshape", [r, g.op("Concat", [b, t, g.ints(8)], axis=0)])
+    g.output(g.op("MatMul", [back, g.w(8, 3)]))
+    res = oracle(g.model())
+    assert any(t.dims == [] for t in res.proto.graph.initializer if t.data_type == 7)
+
+
+def test_computed_resize_scales_are_not_pruned():
+    """Resize scales built by Concat from float constants are values, not channels."""
+    g = G()
+    x = g.input(["N", 3, 4, 4])
+    y = g.op("Relu", [g.conv(x, 3, 6)])
+    scales = g.op("Concat", [g.const(np.ones(2, np.float32)),
+                             g.const(np.full(2, 2.0, np.float32))], axis=0)
+    y = g.op("Resize", [y, "", scales], mode="nearest")
+    g.output(g.conv(y, 6, 2))
+    ana = groups_of(g.model())
+    assert [gr.channels for gr in ana.groups] == [6]
+    oracle(g.model())

@@ -51,6 +51,15 @@ def touch(c, t: str | None, axes=None) -> None:
         c.touched.add((t, k))
 
 
+def operand(c, t: str | None) -> None:
+    """An input read for its values (shape, axes, pads, scales, split sizes): its own axes
+    are not channels and must keep their length."""
+    if t is None:
+        return
+    for k in range(c.model.rank(t) or 0):
+        c.freeze((t, k), "read as values (shape, axes, scales, ...)", structural=True)
+
+
 def freeze_axes(n, c, t: str | None, axes, reason: str, structural: bool = False) -> None:
     if t is None:
         return

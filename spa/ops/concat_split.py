@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import norm_axis, touch
+from .common import norm_axis, touch, operand
 from .registry import rule
 
 
@@ -81,7 +81,7 @@ def split(n, c):
         c.couple_idx((x, axis), off + np.arange(sz), (o, axis), np.arange(sz))
         off += sz
     c.touched.add((x, axis))
-    touch(c, n.i(1))
+    operand(c, n.i(1))
 
 
 def _slice_params(n):
@@ -156,7 +156,7 @@ def slice_(n, c):
             c.freeze((x, k), "slice parameters computed at runtime")
             c.freeze((y, k), "slice parameters computed at runtime")
     for t in n.inputs[1:]:
-        touch(c, t or None)
+        operand(c, t or None)
 
 
 def _gather_shrink(n, s):

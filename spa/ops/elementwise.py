@@ -1,7 +1,7 @@
 """Elementwise ops: every axis maps to itself (numpy broadcasting for several inputs)."""
 from __future__ import annotations
 
-from .common import broadcast, same, touch
+from .common import broadcast, same, touch, operand
 from .registry import rule
 
 UNARY = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Gelu", "Erf",
@@ -46,7 +46,7 @@ def clip(n, c):
     """Clip: elementwise; min/max are scalars."""
     same(n, c, n.i(0), n.o(0))
     for t in n.inputs[1:]:
-        touch(c, t or None)
+        operand(c, t or None)
 
 
 @rule("Dropout")
@@ -55,7 +55,7 @@ def dropout(n, c):
     same(n, c, n.i(0), n.o(0))
     same(n, c, n.i(0), n.o(1))
     for t in n.inputs[1:]:
-        touch(c, t or None)
+        operand(c, t or None)
 
 
 @rule("CastLike")

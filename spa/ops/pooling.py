@@ -3,7 +3,7 @@ kept; reducing or normalising over a pruned axis is exact (sums) or approximate 
 maxima, softmax)."""
 from __future__ import annotations
 
-from .common import norm_axis, touch, freeze_axes, rewrite_target
+from .common import norm_axis, touch, freeze_axes, rewrite_target, operand
 from .registry import rule
 
 
@@ -65,7 +65,7 @@ def reduce(n, c):
             c.couple((x, k), (y, j))
             j += 1
     touch(c, y)
-    touch(c, n.i(1))
+    operand(c, n.i(1))
 
 
 @rule("ArgMax", "ArgMin")
@@ -116,7 +116,7 @@ def resize(n, c):
             c.freeze((x, k), "resized axis")
             c.freeze((y, k), "resized axis")
     for t in n.inputs[1:]:
-        touch(c, t or None)
+        operand(c, t or None)
 
 
 @rule("Pad")
@@ -145,7 +145,7 @@ def pad(n, c):
             else:
                 c.couple((x, k), (y, k))
     for t in n.inputs[1:]:
-        touch(c, t or None)
+        operand(c, t or None)
 
 
 @rule("Trilu")
@@ -159,7 +159,7 @@ def trilu(n, c):
             c.freeze((y, k), "triangular mask axis")
         else:
             c.couple((x, k), (y, k))
-    touch(c, n.i(1))
+    operand(c, n.i(1))
 
 
 @rule("QuantizeLinear", "DequantizeLinear")
@@ -175,4 +175,4 @@ def quant(n, c):
             c.couple((t, 0), (x, axis))
             c.role((t, 0), "quant")
         else:
-            touch(c, t or None)
+            operand(c, t or None)

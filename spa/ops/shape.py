@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import norm_axis, rewrite_target, target_axes_rule, touch, freeze_axes
+from .common import norm_axis, rewrite_target, target_axes_rule, touch, freeze_axes, operand
 from .registry import rule
 
 
@@ -122,7 +122,7 @@ def reshape(n, c):
     """Reshape: axes merge/split as products; shape literals are rewritten, runtime shapes
     taken from Shape(x) follow by themselves."""
     target_axes_rule(n, c, 1, n.o(0))
-    touch(c, n.i(1))
+    operand(c, n.i(1))
     couple_reshape(n, c, n.i(0), n.o(0))
 
 
@@ -153,7 +153,7 @@ def squeeze(n, c):
     for j, k in enumerate(kept):
         c.couple((x, k), (y, j))
     touch(c, x)
-    touch(c, n.i(1))
+    operand(c, n.i(1))
 
 
 @rule("Unsqueeze")
@@ -166,7 +166,7 @@ def unsqueeze(n, c):
     for j, k in enumerate(kept):
         c.couple((x, j), (y, k))
     touch(c, y)
-    touch(c, n.i(1))
+    operand(c, n.i(1))
 
 
 @rule("Transpose")
@@ -205,7 +205,7 @@ def expand(n, c):
     src_needed = [k for k in range(ry) if (k - (ry - rx) < 0 or sx[k - (ry - rx)] == 1)]
     if src_needed:
         target_axes_rule(n, c, 1, y, offset=ry - m if isinstance(m, int) else 0)
-    touch(c, n.i(1))
+    operand(c, n.i(1))
 
 
 @rule("Tile")
@@ -219,7 +219,7 @@ def tile(n, c):
         else:
             c.freeze((x, k), "tiled axis")
             c.freeze((y, k), "tiled axis")
-    touch(c, n.i(1))
+    operand(c, n.i(1))
 
 
 @rule("Shape", "Size")
@@ -237,4 +237,4 @@ def _cos_shrink(n, s):
 def constant_of_shape(n, c):
     """ConstantOfShape: output axis k has the length given by element k of the input."""
     target_axes_rule(n, c, 0, n.o(0))
-    touch(c, n.i(0))
+    operand(c, n.i(0))

@@ -115,7 +115,7 @@ def _sliced_consts(model, kept: dict) -> dict[str, np.ndarray]:
         arr = model.consts[t]
         for ax, idx in sorted(axes):
             arr = np.take(arr, idx, axis=ax)
-        out[t] = np.ascontiguousarray(arr)
+        out[t] = np.array(arr, order="C", copy=True)
     return out
 
 
@@ -170,7 +170,7 @@ def apply_plan(model, analysis, plan) -> onnx.ModelProto:
                    if n.op_type == "Constant" and n.domain in ("", "ai.onnx")}
 
     def write_const(name: str, arr: np.ndarray) -> None:
-        t = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+        t = numpy_helper.from_array(np.array(arr, order="C", copy=True), name)
         if name in inits:
             old = inits[name]
             t.doc_string = old.doc_string
