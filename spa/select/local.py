@@ -9,7 +9,15 @@ from ..plan import Plan, model_sha256
 
 
 def _member_counts(analysis, g: int) -> list[np.ndarray]:
-    """For each member dim of group g: how many of its elements each channel owns."""
+    """For each member dim of group g: how many of its elements each channel owns.
+    Cached on the analysis (selections that search a ratio call this many times)."""
+    cache = analysis.__dict__.setdefault("_member_counts", {})
+    if g not in cache:
+        cache[g] = _count_members(analysis, g)
+    return cache[g]
+
+
+def _count_members(analysis, g: int) -> list[np.ndarray]:
     size = analysis.groups[g].channels
     out = []
     for m in analysis.groups[g].members:
