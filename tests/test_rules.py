@@ -34,6 +34,12 @@ def test_conv_chain(dims, bias):
     assert res.plan.keep[0] == sorted(res.plan.keep[0]) and len(res.plan.keep[0]) == 4
 
 
+@pytest.mark.parametrize("opset", [11, 13, 17, 21, 23])
+def test_opsets(opset):
+    res = oracle(conv_chain(2, True, opset=opset))
+    assert res.proto.opset_import[0].version == opset
+
+
 def test_conv_transpose_and_bn():
     g = G()
     x = g.input([1, 4, 6, 6])
