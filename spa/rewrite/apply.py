@@ -105,14 +105,18 @@ class Shrinker:
         self.proto.graph.initializer.extend(self.new_inits)
 
 
-def _sliced_consts(model, kept: dict) -> dict[str, np.ndarray]:
+def _sliced_consts(model, kept: dict, values: dict | None = None) -> dict[str, np.ndarray]:
+    """Constants with pruned axes, sliced (`values`: replacement values of some constants,
+    in their original shapes, e.g. reconstructed weights; they are all returned)."""
+    values = values or {}
     by_tensor: dict[str, list] = {}
     for (t, ax), idx in kept.items():
         if t in model.consts:
             by_tensor.setdefault(t, []).append((ax, idx))
-    out = {}
+    out = {t: np.array(v, order="C", copy=True) for t, v in values.items()
+           if t not in by_tensor}
     for t, axes in by_tensor.items():
-        arr = model.consts[t]
+        arr = values.get(t, model.consts[t])
         for ax, idx in sorted(axes):
             arr = np.take(arr, idx, axis=ax)
         out[t] = np.array(arr, order="C", copy=True)
@@ -158,11 +162,13 @@ def _sort_attrs(node: onnx.NodeProto, original: onnx.NodeProto) -> None:
     node.attribute.extend(attrs)
 
 
-def apply_plan(model, analysis, plan) -> onnx.ModelProto:
-    """Return a new ModelProto with the plan applied (the input model is not modified)."""
+def apply_plan(model, analysis, plan, updates=None) -> onnx.ModelProto:
+    """Return a new ModelProto with the plan applied (the input model is not modified).
+    `updates` (spa.rewrite.reconstruct.Updates): new values of constants (original shapes)
+    and new bias inputs, from a weight reconstruction; they are sliced like the rest."""
     plan.validate(analysis)
     kept = plan.kept_indices(analysis)
-    sliced = _sliced_consts(model, kept)
+    sliced = _sliced_consts(model, kept, updates.consts if updates else None)
     proto = _copy_with(model.proto, sliced)
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
@@ -202,6 +208,12 @@ def apply_plan(model, analysis, plan) -> onnx.ModelProto:
                       for ax in range(model.rank(t) or 0))
         if touched:
             r.shrink(n, s)
+    if updates:  # bias inputs added by the reconstruction (sliced along the node's outputs)
+        by_name = {model.node_name(node): node for node in model.nodes}
+        for (name, k), value in sorted(updates.new_inputs.items()):
+            idx = kept.get(updates.new_input_dims[(name, k)])  # the weight's output dim
+            s.add_input(Node(by_name[name], model), k, value if idx is None else value[idx],
+                        "bias")
     s.finish(write_const)
     # 3. declared intermediate shapes
     for vi in g.value_info:

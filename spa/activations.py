@@ -1,0 +1,327 @@
+"""Calibration inputs and intermediate activations, from ONNX Runtime, batch by batch.
+
+Data-aware criteria (OBSPA) need the inputs of some layers on calibration samples. They get
+them framework-free: the requested tensors are added as extra graph outputs of a copy of the
+model and ONNX Runtime runs it on one batch at a time; the caller folds each batch into its
+statistics and drops it. Memory stays bounded: the batch size is chosen from the measured
+per-sample size of the requested tensors (`max_bytes`), and tensors that do not fit together
+even for one sample are streamed in several passes.
+
+Calibration sources (`load_calibration`):
+
+- a file: ``.npz`` with one array per graph input (first axis = samples) and optionally
+  ``labels``; validated against the model (missing inputs, ranks, static dims, sample
+  counts, NaN/Inf) with errors that say what to fix;
+- ``synthetic``: inputs made up from the model itself (`synthesize`);
+- ``none``: no samples at all (the criterion falls back to statistics stored in the model).
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from .errors import SpaError, UsageError
+from .runtime import _NP, index_bound, session_for
+
+MODES = ("file", "synthetic", "none")
+DEFAULT_MAX_BYTES = 256 << 20
+
+
+@dataclass
+class Calibration:
+    """Calibration samples for a model: `arrays` maps every graph input to an array whose
+    first axis is the sample axis (None for mode "none")."""
+    mode: str                                  # file | synthetic | none
+    arrays: dict[str, np.ndarray] | None = None
+    labels: np.ndarray | None = None
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_samples(self) -> int:
+        if not self.arrays:
+            return 0
+        return int(next(iter(self.arrays.values())).shape[0])
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict]:
+        n = self.n_samples if limit is None else min(limit, self.n_samples)
+        for start in range(0, n, max(1, batch_size)):
+            stop = min(n, start + batch_size)
+            yield {k: v[start:stop] for k, v in self.arrays.items()}
+
+    def describe(self) -> dict:
+        return {"mode": self.mode, "samples": self.n_samples, "source": self.source,
+                "notes": list(self.notes)}
+
+
+# ------------------------------------------------------------------------------------------
+# loading and validating a calibration file
+
+
+def _input_specs(model) -> dict[str, tuple[list, int]]:
+    """Graph input -> (declared dims: int or None per axis, element type)."""
+    specs = {}
+    inits = {t.name for t in model.graph.initializer}
+    for v in model.graph.input:
+        if v.name in inits:
+            continue
+        tt = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                for d in tt.shape.dim] if tt.HasField("shape") else None
+        specs[v.name] = (dims, tt.elem_type)
+    return specs
+
+
+def load_calibration_file(path: str, model) -> Calibration:
+    """Read and validate `path` (.npz) for `model`; SpaError (exit 3) with the fix."""
+    if not os.path.isfile(path):
+        raise SpaError("calibration file not found (expected an .npz with one array per "
+                       "graph input, first axis = samples)", file=path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise SpaError(f"cannot read the calibration file as .npz ({type(exc).__name__}: "
+                       f"{exc})", file=path)
+    specs = _input_specs(model)
+    missing = [n for n in specs if n not in data]
+    if missing:
+        raise SpaError(f"calibration file has no array for graph input(s) "
+                       f"{', '.join(map(repr, missing))} (it has "
+                       f"{', '.join(map(repr, sorted(data))) or 'nothing'}); name each array "
+                       "after the graph input it feeds", file=path)
+    arrays, n = {}, None
+    for name, (dims, elem) in specs.items():
+        a = data[name]
+        dtype = _NP.get(elem)
+        if dtype is None:
+            raise SpaError(f"graph input {name!r} has an unsupported element type",
+                           file=path)
+        if a.dtype.kind not in "biuf":
+            raise SpaError(f"calibration array {name!r} has dtype {a.dtype}, expected "
+                           f"numbers ({np.dtype(dtype).name})", file=path)
+        if dims is not None and a.ndim != len(dims):
+            raise SpaError(f"calibration array {name!r} has shape {tuple(a.shape)}; graph "
+                           f"input {name!r} has rank {len(dims)} (samples on the first axis)",
+                           file=path)
+        if dims is not None:
+            bad = [k for k, d in enumerate(dims) if k > 0 and d is not None and a.shape[k] != d]
+            if bad:
+                want = tuple("N" if k == 0 else (d if d is not None else "?")
+                             for k, d in enumerate(dims))
+                raise SpaError(f"calibration array {name!r} has shape {tuple(a.shape)}, "
+                               f"the graph input expects {want}", file=path)
+        if a.ndim == 0 or a.shape[0] == 0:
+            raise SpaError(f"calibration array {name!r} holds no samples", file=path)
+        if n is None:
+            n = a.shape[0]
+        elif a.shape[0] != n:
+            raise SpaError(f"calibration arrays disagree on the number of samples "
+                           f"({name!r} has {a.shape[0]}, others {n})", file=path)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad = int((~np.isfinite(a)).sum())
+            raise SpaError(f"calibration array {name!r} contains {bad} NaN/Inf values",
+                           file=path)
+        if np.issubdtype(dtype, np.integer) and a.dtype.kind == "f" and \
+                not np.array_equal(a, np.round(a)):
+            raise SpaError(f"calibration array {name!r} must hold integers (graph input "
+                           f"type {np.dtype(dtype).name})", file=path)
+        arrays[name] = np.ascontiguousarray(a.astype(dtype, copy=False))
+    labels = data.get("labels")
+    if labels is not None and (labels.ndim < 1 or labels.shape[0] != n):
+        raise SpaError(f"calibration 'labels' has {labels.shape[0] if labels.ndim else 0} "
+                       f"entries for {n} samples", file=path)
+    extra = sorted(set(data) - set(specs) - {"labels"})
+    notes = [f"ignored arrays that feed no graph input: {', '.join(extra)}"] if extra else []
+    return Calibration("file", arrays, labels, source=os.path.basename(path), notes=notes)
+
+
+def load_calibration(spec, model, *, n_synthetic: int = 256, seed: int = 0) -> Calibration:
+    """`spec`: a Calibration, a path to an .npz, "synthetic" or "none"."""
+    if isinstance(spec, Calibration):
+        return spec
+    if spec is None or spec == "none":
+        return Calibration("none", source="model statistics (BatchNorm moments)")
+    if spec == "synthetic":
+        return synthesize(model, n=n_synthetic, seed=seed)
+    if isinstance(spec, (str, os.PathLike)):
+        return load_calibration_file(os.fspath(spec), model)
+    raise UsageError(f"--calib must be an .npz file, 'synthetic' or 'none', got {spec!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# streaming intermediate tensors
+
+
+def with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `proto` whose graph outputs also include `names` (typeless: ORT infers)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    have = {o.name for o in out.graph.output}
+    for n in names:
+        if n not in have:
+            out.graph.output.append(onnx.ValueInfoProto(name=n))
+            have.add(n)
+    return out
+
+
+def _sample_bytes(model, name: str, feeds: dict) -> int:
+    """Bytes of one sample of `name`, from its inferred shape (symbolic non-batch axes take
+    the largest static extent of the feeds, a rough but safe guess)."""
+    shape = model.shapes.get(name)
+    if shape is None:
+        return 4 << 20
+    fill = max([int(np.prod(v.shape[1:])) for v in feeds.values()] + [1])
+    n = 1
+    for k, d in enumerate(shape):
+        if isinstance(d, int):
+            n *= d
+        elif k > 0:
+            n *= fill
+    return 4 * n
+
+
+def stream(model, names: list[str], calib: Calibration, *, batch_size: int = 64,
+           max_bytes: int = DEFAULT_MAX_BYTES, threads: int = 0,
+           limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Yield {name: array} for every batch of `calib`: the values of the model's tensors
+    `names` (graph inputs or node outputs). At most about `max_bytes` of requested tensors
+    are alive at once: the batch shrinks, and tensors too big to share a pass get their own.
+    """
+    if calib.arrays is None:
+        raise SpaError("no calibration samples (calibration mode 'none')", file=model.path)
+    names = list(dict.fromkeys(names))
+    first = next(calib.batches(1))
+    per = {n: _sample_bytes(model, n, first) for n in names}
+    passes, cur, used = [], [], 0
+    for n in sorted(names, key=lambda t: -per[t]):
+        if cur and used + per[n] > max_bytes:
+            passes.append(cur)
+            cur, used = [], 0
+        cur.append(n)
+        used += per[n]
+    if cur:
+        passes.append(cur)
+    inputs = set(model.input_names)
+    for group in passes:
+        need = [n for n in group if n not in inputs]
+        sess = session_for(with_outputs(model.proto, need), threads=threads) if need else None
+        size = sum(per[n] for n in group)
+        bs = int(max(1, min(batch_size, max_bytes // max(size, 1))))
+        for feeds in calib.batches(bs, limit):
+            out = {n: feeds[n] for n in group if n in inputs}
+            if need:
+                try:
+                    vals = sess.run(need, feeds)
+                except Exception as exc:  # ORT errors are plain RuntimeErrors
+                    raise SpaError(f"ONNX Runtime failed on the calibration inputs "
+                                   f"({type(exc).__name__}: {exc})", file=model.path)
+                out.update(zip(need, vals))
+            yield out
+
+
+def run_outputs(proto: onnx.ModelProto, names: list[str], calib: Calibration, *,
+                limit: int = 64, batch_size: int = 32, threads: int = 0) -> dict:
+    """Concatenated values of `names` (graph outputs or intermediate tensors) of `proto` on
+    the first `limit` calibration samples (for measuring errors, not for statistics)."""
+    sess = session_for(with_outputs(proto, names), threads=threads)
+    parts: dict[str, list] = {n: [] for n in names}
+    for feeds in calib.batches(batch_size, limit):
+        for n, v in zip(names, sess.run(names, feeds)):
+            parts[n].append(v)
+    return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# synthetic calibration inputs
+
+
+def _first_bn(model) -> onnx.NodeProto | None:
+    for node in model.nodes:
+        if node.op_type == "BatchNormalization" and all(
+                t in model.consts for t in node.input[1:5]):
+            return node
+    return None
+
+
+def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur over the spatial axes (2..) of x, rescaled to unit variance."""
+    if sigma <= 0 or x.ndim < 3:
+        return x
+    from scipy.ndimage import gaussian_filter
+    out = gaussian_filter(x.astype(np.float64), [0, 0] + [sigma] * (x.ndim - 2),
+                          mode="reflect")
+    return out / (out.std() + 1e-12)
+
+
+def synthesize(model, *, n: int = 256, seed: int = 0) -> Calibration:
+    """Inputs made up from the model: Gaussian noise, spatially smoothed, with one mean and
+    one scale per float input, fitted so that the model's first BatchNormalization sees
+    the channel means and variances it stored during training (its running statistics).
+    Three smoothing widths are tried and the one whose induced statistics are closest to
+    the stored ones (Gaussian KL divergence) is kept. Integer inputs (token ids) are
+    uniform over the range the model indexes. Without any BatchNormalization: standard
+    normal noise."""
+    from .runtime import dummy_inputs
+    rng = np.random.default_rng(seed)
+    specs = _input_specs(model)
+    base = dummy_inputs(model, seed=seed, batch=n)   # shapes, dtypes, token ranges
+    floats = [k for k, (_, elem) in specs.items()
+              if np.issubdtype(_NP.get(elem, np.int64), np.floating)]
+    arrays = {k: v for k, v in base.items()}
+    bn = _first_bn(model)
+    notes = []
+    if bn is None or not floats:
+        for k in floats:
+            arrays[k] = rng.standard_normal(base[k].shape).astype(base[k].dtype)
+        notes.append("no BatchNormalization to match: standard normal inputs")
+        return Calibration("synthetic", arrays, source="synthetic (standard normal)",
+                           notes=notes)
+    target = bn.input[0]
+    rm = model.consts[bn.input[3]].astype(np.float64)
+    rv = np.maximum(model.consts[bn.input[4]].astype(np.float64), 1e-8)
+    probe_n = min(n, 32)
+    sess = session_for(with_outputs(model.proto, [target]))
+
+    def bn_input(feeds):
+        y = sess.run([target], feeds)[0].astype(np.float64)
+        axes = tuple(k for k in range(y.ndim) if k != 1)
+        return y.mean(axis=axes), y.var(axis=axes)
+
+    def feeds_for(m, s, noise):
+        f = {k: v[:probe_n] for k, v in base.items()}
+        for k in floats:
+            f[k] = (m + s * noise[k][:probe_n]).astype(base[k].dtype)
+        return f
+
+    best = None
+    for sigma in (0.0, 1.0, 2.0):
+        noise = {k: _blur(rng.standard_normal(base[k].shape), sigma) for k in floats}
+        # BN input statistics are affine in the input mean m (mean) and scale s (var):
+        # measure the pieces, then fit m and s to the running statistics
+        mu0, v1 = bn_input(feeds_for(0.0, 1.0, noise))
+        mu1, _ = bn_input(feeds_for(1.0, 0.0, noise))
+        b0, _ = bn_input(feeds_for(0.0, 0.0, noise))
+        a = mu1 - b0
+        m = float(np.dot(a, rm - b0) / max(np.dot(a, a), 1e-12))
+        v_unit = np.maximum(v1, 1e-12)
+        s = float(np.sqrt(max(np.exp(np.mean(np.log(rv) - np.log(v_unit))), 1e-12)))
+        mu, var = bn_input(feeds_for(m, s, noise))
+        var = np.maximum(var, 1e-12)
+        kl = float(np.mean(0.5 * (var / rv + (mu - rm) ** 2 / rv - 1 + np.log(rv / var))))
+        if best is None or kl < best[0]:
+            best = (kl, sigma, m, s, noise)
+    kl, sigma, m, s, noise = best
+    for k in floats:
+        arrays[k] = (m + s * noise[k]).astype(base[k].dtype)
+    notes.append(f"Gaussian inputs, smoothing sigma {sigma:g} px, mean {m:.4g}, scale "
+                 f"{s:.4g}, fitted to the running statistics of BatchNormalization "
+                 f"{model.node_name(bn)!r} (KL {kl:.3g} per channel)")
+    return Calibration("synthetic", arrays, source="synthetic (BatchNorm-matched noise)",
+                       notes=notes)

@@ -1,0 +1,739 @@
+"""OBSPA: Optimal-Brain-Surgeon saliency of whole channels, for pruning without fine-tuning.
+
+For every group, its *consumers* are the layers that read its channels through a constant
+weight (Conv, ConvTranspose, Gemm, MatMul whose weight has an "in" dim in the group). For
+each consumer the second moment of its input, H = Σ x xᵀ, is accumulated in float64 from
+ONNX Runtime runs on calibration inputs (`spa.activations.stream`, batch by batch), with x
+the layer's input unfolded over the kernel positions for convolutions (H is C_in·k·k square,
+plus a constant-1 entry for the bias). Removing the input slice q of a layer with weight
+matrix W costs, after the best update of the remaining weights,
+
+    ΔE_q = tr(W_q [H⁻¹]_qq⁻¹ W_qᵀ)                   (OBS, for the block of columns q)
+
+A group's channels are removed greedily: at each step the channels with the least total
+cost Σ_consumers ΔE / E (E = tr(W H Wᵀ), the layer's output energy, so that costs are
+relative output errors and compare across layers and groups) go, and every consumer's
+weights and inverse Hessian are downdated (W ← W − W_q [H⁻¹]_qq⁻¹ [H⁻¹]_q:, same for H⁻¹).
+A channel's score is its cost when it went, made non-decreasing along the removal order,
+so that any prefix of a group's order is what a threshold on scores removes and the global
+selection (one threshold for all groups, under a FLOPs or params target) decides how much
+each group loses. After selection, `spa.rewrite.reconstruct` moves every consumer to the
+least-squares optimum on its kept inputs, with bias compensation.
+
+Large convolutions (C_in·k·k > `max_full`) and ConvTranspose use the channel-level
+(Kronecker) approximation H ≈ H_c ⊗ I over kernel offsets, H_c the C_in² second moment
+summed over positions: every kernel offset is then a separate row of W. Calibration rows
+are subsampled at random beyond `rows_per_feature` · d per layer.
+
+Without data (calibration "none"), H is a surrogate from the model's own statistics: the
+moments of each channel (mean μ, variance σ²) propagated from the BatchNormalization and
+LayerNormalization layers (whose outputs are β + γ·N(0, 1)), through ReLU/Clip (rectified
+Gaussian), Add, pooling, reshapes and linear layers (independent inputs), or read from the
+running statistics of a BatchNormalization that consumes the tensor; then
+H = μμᵀ + diag(σ²) (independent across kernel offsets), and the identity where nothing is
+known (the criterion then reduces to weight magnitude and the update to plain slicing).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from scipy.special import ndtr
+
+from ..activations import Calibration, stream
+from ..errors import SpaError
+from ..ops.registry import Node
+from ..rewrite.reconstruct import DAMP, Consumer, Updates, damped, inv_psd, reconstruct
+
+CRITERIA = ("obspa",)
+#: largest unfolded conv input (C_in·k·k) that gets a full Hessian (else channel level)
+MAX_FULL = 1152
+#: calibration rows per Hessian entry kept (at least MIN_ROWS); beyond that, subsampled
+ROWS_PER_FEATURE = 64
+MIN_ROWS = 16384
+CHUNK = 8192
+
+
+# ------------------------------------------------------------------------------------------
+# consumers
+
+
+def _owners(analysis, key) -> list[np.ndarray] | None:
+    ch = analysis.dim_channels(key)
+    if ch is None or not ((ch >= 0) | (ch == -2)).any():
+        return None
+    out = []
+    c = analysis.coupler
+    d = c.dims[key]
+    for j, x in enumerate(ch.tolist()):
+        if x >= 0:
+            out.append(np.array([x]))
+        elif x == -2:
+            out.append(np.array(analysis.multi[int(analysis.label[c.base[d] + j])]))
+        else:
+            out.append(np.zeros(0, np.int64))
+    return out
+
+
+def _exclusive(model, name: str, node) -> bool:
+    users = model.consumers.get(name, [])
+    return len(users) == 1 and users[0] is node and name not in model.output_names
+
+
+def _conv_pads(n: Node, x: str, kernel, strides, dil):
+    nd = len(kernel)
+    auto = n.attr("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("NOTSET", ""):
+        p = n.attr("pads", [0] * (2 * nd))
+        return tuple(int(v) for v in p)
+    if auto == "VALID":
+        return (0,) * (2 * nd)
+    shp = n.shape(x)
+    if shp is None or any(not isinstance(s, int) for s in shp[2:]):
+        return None
+    begin, end = [], []
+    for s, k, st, dl in zip(shp[2:], kernel, strides, dil):
+        out = -(-s // st)
+        total = max(0, (out - 1) * st + dl * (k - 1) + 1 - s)
+        lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
+        begin.append(lo)
+        end.append(total - lo)
+    return tuple(begin + end)
+
+
+def _consumers_of(n: Node, analysis, max_full: int) -> list[Consumer]:
+    model = analysis.model
+    op = n.op
+    node = n.proto
+    if op in ("Conv", "ConvTranspose"):
+        x, w = n.i(0), n.i(1)
+        W = model.consts.get(w) if w else None
+        if x is None or W is None or x in model.consts or W.ndim < 3:
+            return []
+        group = int(n.attr("group", 1))
+        in_axis, out_axis = (1, 0) if op == "Conv" else (0, 1)
+        if op == "ConvTranspose" and group != 1:
+            return []
+        if op == "Conv" and group > 1 and W.shape[1] == 1:
+            return []  # depthwise: its input channels are its output channels
+        owners = _owners(analysis, (w, in_axis))
+        if owners is None:
+            return []
+        kernel = tuple(int(k) for k in W.shape[2:])
+        nd = len(kernel)
+        strides = tuple(int(v) for v in n.attr("strides", [1] * nd))
+        dil = tuple(int(v) for v in n.attr("dilations", [1] * nd))
+        pads = _conv_pads(n, x, kernel, strides, dil) if op == "Conv" else None
+        n_in = int(W.shape[in_axis])
+        mode = "full" if op == "Conv" and pads is not None and \
+            n_in * int(np.prod(kernel)) <= max_full else "channel"
+        b = n.i(2)
+        bias = b if b and b in model.consts and _exclusive(model, b, node) else None
+        bias_add = 2 if not b else None
+        n_out = int(W.shape[out_axis]) // (group if op == "Conv" else 1)
+        common = dict(node=n.name, op=op, x=x, weight=w, in_axis=in_axis, out_axis=out_axis,
+                      kind="conv" if op == "Conv" else "convT", mode=mode, kernel=kernel,
+                      strides=strides, dilations=dil, pads=pads or (0,) * (2 * nd),
+                      bias=bias, bias_add=bias_add,
+                      shared=len(model.consumers.get(w, [])) > 1, n_in=n_in, n_out=n_out,
+                      owners=owners)
+        if group == 1:
+            return [Consumer(**common)]
+        return [Consumer(**common, part=(g, group)) for g in range(group)]
+    if op == "Gemm":
+        a, w, cc = n.i(0), n.i(1), n.i(2)
+        W = model.consts.get(w) if w else None
+        if a is None or W is None or a in model.consts or W.ndim != 2:
+            return []
+        in_axis = 1 if n.attr("transB", 0) else 0
+        owners = _owners(analysis, (w, in_axis))
+        if owners is None:
+            return []
+        alpha, beta = float(n.attr("alpha", 1.0)), float(n.attr("beta", 1.0))
+        n_out = int(W.shape[1 - in_axis])
+        bias, bias_add = None, None
+        if beta != 0:
+            if cc is None:
+                bias_add = 2
+            elif cc in model.consts and _exclusive(model, cc, node) and \
+                    model.consts[cc].size == n_out and model.consts[cc].shape[-1] == n_out:
+                bias = cc
+        return [Consumer(node=n.name, op=op, x=a, weight=w, in_axis=in_axis,
+                         out_axis=1 - in_axis, kind="dense", trans_x=bool(n.attr("transA", 0)),
+                         bias=bias, bias_add=bias_add,
+                         bias_scale=alpha / beta if beta else 1.0,
+                         shared=len(model.consumers.get(w, [])) > 1,
+                         n_in=int(W.shape[in_axis]), n_out=n_out, owners=owners)]
+    if op == "MatMul":
+        a, b = n.i(0), n.i(1)
+        if a is None or b is None:
+            return []
+        A, B = model.consts.get(a), model.consts.get(b)
+        if B is not None and A is None and B.ndim == 2:
+            owners = _owners(analysis, (b, 0))
+            if owners is None:
+                return []
+            bias, bias_node = None, None
+            y = n.o(0)
+            users = model.consumers.get(y, [])
+            if len(users) == 1 and users[0].op_type == "Add" and y not in model.output_names:
+                add = users[0]
+                other = [t for t in add.input if t != y]
+                if len(other) == 1 and other[0] in model.consts and \
+                        _exclusive(model, other[0], add):
+                    arr = model.consts[other[0]]
+                    if arr.size == B.shape[1] and arr.shape and arr.shape[-1] == B.shape[1]:
+                        bias, bias_node = other[0], model.node_name(add)
+            return [Consumer(node=n.name, op=op, x=a, weight=b, in_axis=0, out_axis=1,
+                             kind="dense", bias=bias, bias_node=bias_node,
+                             shared=len(model.consumers.get(b, [])) > 1,
+                             n_in=int(B.shape[0]), n_out=int(B.shape[1]), owners=owners)]
+        if A is not None and B is None and A.ndim == 2 and (n.rank(b) or 0) >= 2:
+            owners = _owners(analysis, (a, 1))
+            if owners is None:
+                return []
+            return [Consumer(node=n.name, op=op, x=b, weight=a, in_axis=1, out_axis=0,
+                             kind="dense_left", shared=len(model.consumers.get(a, [])) > 1,
+                             n_in=int(A.shape[1]), n_out=int(A.shape[0]), owners=owners)]
+    return []
+
+
+def find_consumers(analysis, max_full: int = MAX_FULL) -> list[Consumer]:
+    """Every layer that reads some group's channels through a constant weight."""
+    out = []
+    for node in analysis.model.nodes:
+        if node.domain in ("", "ai.onnx") and node.op_type in ("Conv", "ConvTranspose",
+                                                                "Gemm", "MatMul"):
+            out += _consumers_of(Node(node, analysis.model), analysis, max_full)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Hessians from calibration data
+
+
+def collect_hessians(model, consumers: list[Consumer], calib: Calibration, *,
+                     rows_per_feature: int = ROWS_PER_FEATURE, min_rows: int = MIN_ROWS,
+                     seed: int = 0, batch_size: int = 64, max_bytes: int | None = None,
+                     threads: int = 0) -> tuple[list[np.ndarray], dict]:
+    """H = mean of x xᵀ (with a constant 1 appended) per consumer, from calibration runs;
+    consumers that read the same rows share one matrix."""
+    keys: dict[tuple, int] = {}
+    reps: list[Consumer] = []
+    for c in consumers:
+        if c.hkey not in keys:
+            keys[c.hkey] = len(reps)
+            reps.append(c)
+    acc = [np.zeros((r.d + 1, r.d + 1)) for r in reps]
+    seen = np.zeros(len(reps))
+    prob: list[float | None] = [None] * len(reps)
+    rng = np.random.default_rng(seed)
+    n_total = max(calib.n_samples, 1)
+    kw = {} if max_bytes is None else {"max_bytes": max_bytes}
+    names = sorted({r.x for r in reps})
+    for batch in stream(model, names, calib, batch_size=batch_size, threads=threads, **kw):
+        for k, r in enumerate(reps):
+            if r.x not in batch:
+                continue
+            x = np.asarray(batch[r.x])
+            if x.dtype.kind != "f":
+                raise SpaError(f"the input {r.x!r} of layer {r.node!r} is not floating point; "
+                               "its Hessian cannot be formed", file=model.path)
+            n = r.n_rows(x.shape)
+            if prob[k] is None:
+                per_sample = n / max(x.shape[0] if r.kind != "dense" or not r.trans_x
+                                     else x.shape[1], 1)
+                cap = max(min_rows, rows_per_feature * r.d)
+                prob[k] = min(1.0, cap / max(per_sample * n_total, 1.0))
+            pick = None if prob[k] >= 1.0 else np.nonzero(rng.random(n) < prob[k])[0]
+            if pick is not None and not len(pick):
+                continue
+            d = r.d
+            H = acc[k]
+            for rows in _row_chunks(r, x, pick):
+                H[:d, :d] += (rows.T @ rows).astype(np.float64)
+                H[:d, d] += rows.sum(axis=0, dtype=np.float64)
+                seen[k] += len(rows)
+    hs = []
+    info = {"layers": len(consumers), "hessians": len(reps), "rows": {}}
+    for k, (r, H) in enumerate(zip(reps, acc)):
+        if seen[k] == 0:
+            raise SpaError(f"no calibration rows reached the input {r.x!r} of layer "
+                           f"{r.node!r}: its Hessian cannot be formed", file=model.path)
+        d = r.d
+        H[d, :d] = H[:d, d]
+        H[d, d] = seen[k]
+        H /= seen[k]
+        if not np.isfinite(H).all():
+            raise SpaError(f"the input {r.x!r} of layer {r.node!r} has NaN/Inf values on "
+                           "the calibration data: its Hessian cannot be formed",
+                           file=model.path)
+        hs.append(H)
+        info["rows"][r.node] = int(seen[k])
+    return [hs[keys[c.hkey]] for c in consumers], info
+
+
+def _row_chunks(r: Consumer, x: np.ndarray, pick):
+    if r.kind == "conv" and r.mode == "full":
+        x = r.part_of(x)
+        xp = r.padded(x)
+        idx = np.arange(r.n_rows(x.shape)) if pick is None else pick
+        osz = r._out_spatial(x.shape[2:])
+        for s in range(0, len(idx), CHUNK):
+            yield r.unfold(xp, idx[s:s + CHUNK], x.shape[0], osz)
+        return
+    rows = r.rows(x, pick)
+    for s in range(0, len(rows), CHUNK):
+        yield rows[s:s + CHUNK]
+
+
+# ------------------------------------------------------------------------------------------
+# Hessian surrogates without data: channel moments from the model's own statistics
+
+
+def _relu_moments(mu, var):
+    s = np.sqrt(np.maximum(var, 1e-20))
+    a = mu / s
+    cdf, pdf = ndtr(a), np.exp(-0.5 * a * a) / np.sqrt(2 * np.pi)
+    m1 = mu * cdf + s * pdf
+    m2 = (mu * mu + var) * cdf + mu * s * pdf
+    return m1, np.maximum(m2 - m1 * m1, 0.0)
+
+
+def channel_moments(model) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
+    """tensor -> (channel axis, mean, variance) where the model's statistics say."""
+    mom: dict[str, tuple] = {}
+    consts = model.consts
+
+    def vec(name, axis, rank, length):
+        """A constant as a per-channel vector along `axis` (or a scalar), else None."""
+        a = consts.get(name)
+        if a is None:
+            return None
+        if a.size == 1:
+            return np.full(length, float(a.reshape(-1)[0]))
+        shp = (1,) * (rank - a.ndim) + a.shape
+        if len(shp) != rank or shp[axis] != length or \
+                any(s != 1 for k, s in enumerate(shp) if k != axis):
+            return None
+        return a.reshape(-1).astype(np.float64)
+
+    for node in model.nodes:
+        op, ins, outs = node.op_type, list(node.input), list(node.output)
+        if not outs or not outs[0]:
+            continue
+        y = outs[0]
+        ry = model.rank(y) or 0
+        got = None
+        try:
+            if op == "BatchNormalization" and all(t in consts for t in ins[1:3]):
+                got = (1, consts[ins[2]].astype(np.float64).reshape(-1),
+                       np.square(consts[ins[1]].astype(np.float64).reshape(-1)))
+            elif op == "LayerNormalization" and len(ins) > 1 and ins[1] in consts:
+                g = consts[ins[1]].astype(np.float64)
+                if g.ndim == 1:
+                    b = consts[ins[2]].astype(np.float64) if len(ins) > 2 and ins[2] \
+                        and ins[2] in consts else np.zeros_like(g)
+                    got = (ry - 1, b.reshape(-1), g * g)
+            elif op in ("Relu",) and ins[0] in mom:
+                ax, m, v = mom[ins[0]]
+                got = (ax,) + _relu_moments(m, v)
+            elif op == "Clip" and ins[0] in mom:
+                lo = consts.get(ins[1]) if len(ins) > 1 and ins[1] else None
+                if lo is not None and float(np.asarray(lo).reshape(-1)[0]) == 0.0:
+                    ax, m, v = mom[ins[0]]
+                    got = (ax,) + _relu_moments(m, v)
+            elif op in ("Identity", "Dropout", "MaxPool", "AveragePool", "GlobalAveragePool",
+                        "GlobalMaxPool") and ins[0] in mom:
+                got = mom[ins[0]]
+            elif op == "ReduceMean" and ins[0] in mom:
+                ax = mom[ins[0]][0]
+                axes = [a.ints for a in node.attribute if a.name == "axes"]
+                axes = list(axes[0]) if axes else (
+                    consts[ins[1]].reshape(-1).tolist() if len(ins) > 1 and ins[1] in consts
+                    else None)
+                r = model.rank(ins[0]) or 0
+                if axes is not None and ax not in [a % r for a in axes]:
+                    keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+                    nax = ax if keep else ax - sum(1 for a in axes if a % r < ax)
+                    got = (nax, mom[ins[0]][1], mom[ins[0]][2])
+            elif op in ("Flatten", "Reshape", "Squeeze") and ins[0] in mom:
+                ax, m, v = mom[ins[0]]
+                sx, sy = model.shapes.get(ins[0]), model.shapes.get(y)
+                if sx and sy and ax == 1 and len(sy) == 2 and \
+                        all(isinstance(s, int) for s in sx[1:]) and \
+                        isinstance(sy[1], int) and int(np.prod(sx[1:])) == sy[1]:
+                    rep = int(np.prod(sx[2:]))
+                    got = (1, np.repeat(m, rep), np.repeat(v, rep))
+            elif op == "Add" and len(ins) == 2:
+                a, b = ins
+                if a in mom and b in mom and mom[a][0] == mom[b][0] and \
+                        len(mom[a][1]) == len(mom[b][1]) and (model.rank(a) == ry):
+                    got = (mom[a][0], mom[a][1] + mom[b][1], mom[a][2] + mom[b][2])
+                else:
+                    for p, q in ((a, b), (b, a)):
+                        if p in mom and q in consts:
+                            ax, m, v = mom[p]
+                            c = vec(q, ax, ry, len(m))
+                            if c is not None:
+                                got = (ax, m + c, v)
+            elif op == "Mul" and len(ins) == 2:
+                for p, q in ((ins[0], ins[1]), (ins[1], ins[0])):
+                    if p in mom and q in consts:
+                        ax, m, v = mom[p]
+                        c = vec(q, ax, ry, len(m))
+                        if c is not None:
+                            got = (ax, m * c, v * c * c)
+            elif op == "Conv" and ins[0] in mom and ins[1] in consts:
+                ax, m, v = mom[ins[0]]
+                W = consts[ins[1]].astype(np.float64)
+                g = next((a.i for a in node.attribute if a.name == "group"), 1)
+                bias = consts[ins[2]].astype(np.float64) if len(ins) > 2 and ins[2] \
+                    and ins[2] in consts else 0.0
+                axes = tuple(range(2, W.ndim))
+                if ax == 1 and g == 1 and W.shape[1] == len(m):
+                    got = (1, W.sum(axis=axes) @ m + bias, (W * W).sum(axis=axes) @ v)
+                elif ax == 1 and W.shape[1] == 1 and g == len(m) == W.shape[0]:
+                    got = (1, W.sum(axis=axes)[:, 0] * m + bias,
+                           (W * W).sum(axis=axes)[:, 0] * v)
+            elif op in ("Gemm", "MatMul") and ins[0] in mom and ins[1] in consts:
+                ax, m, v = mom[ins[0]]
+                W = consts[ins[1]].astype(np.float64)
+                if op == "Gemm" and next((a.i for a in node.attribute if a.name == "transB"),
+                                         0):
+                    W = W.T
+                if W.ndim == 2 and ax == (model.rank(ins[0]) or 0) - 1 and \
+                        W.shape[0] == len(m) and not (op == "Gemm" and next(
+                            (a.i for a in node.attribute if a.name == "transA"), 0)):
+                    bias = 0.0
+                    if op == "Gemm" and len(ins) > 2 and ins[2] in consts and \
+                            consts[ins[2]].size == W.shape[1]:
+                        bias = consts[ins[2]].astype(np.float64).reshape(-1)
+                    got = (ry - 1, m @ W + bias, v @ (W * W))
+        except (ValueError, IndexError, KeyError, TypeError):
+            got = None
+        if got is not None and np.isfinite(got[1]).all() and np.isfinite(got[2]).all():
+            mom[y] = got
+    # a BatchNormalization that reads a tensor states that tensor's moments exactly
+    for node in model.nodes:
+        if node.op_type == "BatchNormalization" and all(t in consts for t in node.input[3:5]):
+            x = node.input[0]
+            if x not in consts:
+                mom[x] = (1, consts[node.input[3]].astype(np.float64).reshape(-1),
+                          np.maximum(consts[node.input[4]].astype(np.float64).reshape(-1), 0))
+    return mom
+
+
+def surrogate_hessians(model, consumers: list[Consumer]) -> tuple[list[np.ndarray], dict]:
+    """H from channel moments (μμᵀ + diag σ², independent kernel offsets), identity where
+    the model says nothing about a layer's input."""
+    mom = channel_moments(model)
+    out, known = [], 0
+    for c in consumers:
+        d = c.d
+        H = np.eye(d + 1)
+        m = mom.get(c.x)
+        axis = {"conv": 1, "convT": 1}.get(c.kind)
+        r = model.rank(c.x) or 0
+        if c.kind == "dense":
+            axis = 0 if c.trans_x else r - 1
+        elif c.kind == "dense_left":
+            axis = r - 2
+        if m is not None and m[0] == axis:
+            mu, var = m[1], m[2]
+            if c.part is not None:
+                g, _ = c.part
+                mu, var = mu[g * c.n_in:(g + 1) * c.n_in], var[g * c.n_in:(g + 1) * c.n_in]
+            if len(mu) == c.n_in:
+                if c.mode == "full" and c.kprod > 1:
+                    mu = np.repeat(mu, c.kprod)
+                    var = np.repeat(var, c.kprod)
+                H[:d, :d] = np.outer(mu, mu) + np.diag(var)
+                H[:d, d] = H[d, :d] = mu
+                known += 1
+        out.append(H)
+    return out, {"layers": len(consumers), "from_statistics": known,
+                 "identity": len(consumers) - known}
+
+
+# ------------------------------------------------------------------------------------------
+# saliency: greedy group-level OBS with inverse-Hessian downdates
+
+
+def _blocks(c: Consumer, chans: np.ndarray, local_of: dict) -> dict[int, np.ndarray]:
+    """Local channel of the group -> the consumer's input elements it owns."""
+    out: dict[int, list[int]] = {}
+    for e, own in enumerate(c.owners):
+        for ch in own.tolist():
+            q = local_of.get(ch)
+            if q is not None:
+                out.setdefault(q, []).append(e)
+    return {q: np.asarray(v, np.int64) for q, v in out.items()}
+
+
+class _State:
+    """One consumer inside one group's greedy pass: its matrix and inverse Hessian."""
+
+    def __init__(self, c: Consumer, H: np.ndarray, W: np.ndarray, blocks, damp: float):
+        use = c.d + 1 if c.intercept else c.d
+        Hc = H[:use, :use]
+        self.M = np.zeros((c.matrix(W).shape[0], use))
+        self.M[:, :c.d] = c.matrix(W)
+        self.E = max(float(np.einsum("ij,ij->", self.M @ Hc, self.M)), 1e-30)
+        self.Hinv = inv_psd(damped(Hc, damp, c.d))
+        self.blocks = {q: c.h_index(e) for q, e in blocks.items()}
+        self.gone = np.zeros(use, bool)
+
+    def costs(self, qs: list[int]) -> np.ndarray:
+        out = np.zeros(len(qs))
+        by_size: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for k, q in enumerate(qs):
+            idx = self.blocks.get(q)
+            if idx is None:
+                continue
+            idx = idx[~self.gone[idx]]
+            if len(idx):
+                by_size.setdefault(len(idx), []).append((k, idx))
+        for b, items in by_size.items():
+            ks = np.array([k for k, _ in items])
+            I = np.stack([i for _, i in items])             # (n, b)
+            if b == 1:
+                h = np.maximum(self.Hinv[I[:, 0], I[:, 0]], 1e-300)
+                out[ks] = np.square(self.M[:, I[:, 0]]).sum(axis=0) / h
+                continue
+            HB = self.Hinv[I[:, :, None], I[:, None, :]]    # (n, b, b)
+            MB = self.M[:, I].transpose(1, 2, 0)            # (n, b, rows)
+            try:
+                X = np.linalg.solve(HB, MB)
+            except np.linalg.LinAlgError:
+                X = np.linalg.pinv(HB) @ MB
+            out[ks] = np.einsum("nbr,nbr->n", MB, X)
+        return np.maximum(out, 0.0) / self.E
+
+    def remove(self, qs) -> None:
+        idx = [self.blocks[q] for q in qs if q in self.blocks]
+        if not idx:
+            return
+        e = np.unique(np.concatenate(idx))
+        e = e[~self.gone[e]]
+        if not len(e):
+            return
+        Hb = inv_psd(self.Hinv[np.ix_(e, e)])
+        G = self.Hinv[e, :]
+        self.M -= (self.M[:, e] @ Hb) @ G
+        self.Hinv -= G.T @ Hb @ G
+        self.gone[e] = True
+        self.M[:, e] = 0.0
+        self.Hinv[e, :] = 0.0
+        self.Hinv[:, e] = 0.0
+
+
+def greedy_scores(analysis, consumers, hessians, *, damp: float = DAMP,
+                  per_step: int = 64) -> tuple[list[np.ndarray], list[int]]:
+    """Per group: channels in greedy OBS removal order, scored by their relative cost when
+    they went (non-decreasing along the order). Also: the groups no consumer reads."""
+    model = analysis.model
+    scores, orphan = [], []
+    by_group: dict[int, list[int]] = {}
+    for k, c in enumerate(consumers):
+        gs = set()
+        for own in c.owners:
+            for ch in own.tolist():
+                gs.add(int(analysis.group_of_chan[ch]))
+        for g in gs:
+            by_group.setdefault(g, []).append(k)
+    for g, chans in enumerate(analysis.group_chans):
+        n = len(chans)
+        ks = by_group.get(g, [])
+        if not ks:
+            scores.append(np.zeros(n))
+            orphan.append(g)
+            continue
+        local_of = {int(ch): q for q, ch in enumerate(chans.tolist())}
+        states = []
+        for k in ks:
+            c = consumers[k]
+            bl = _blocks(c, chans, local_of)
+            if bl:
+                states.append(_State(c, hessians[k], model.consts[c.weight], bl, damp))
+        alive = list(range(n))
+        score = np.zeros(n)
+        last = 0.0
+        while alive:
+            cost = np.zeros(len(alive))
+            for s in states:
+                cost += s.costs(alive)
+            if len(alive) == 1:
+                score[alive[0]] = max(float(cost[0]), np.nextafter(last, np.inf))
+                break
+            step = max(1, len(alive) // per_step)
+            step = min(step, len(alive) - 1)
+            pick = np.argsort(cost, kind="stable")[:step]
+            go = [alive[j] for j in pick]
+            for j in pick:
+                last = max(float(cost[j]), np.nextafter(last, np.inf))
+                score[alive[j]] = last
+            for s in states:
+                s.remove(go)
+            gone = set(go)
+            alive = [q for q in alive if q not in gone]
+        scores.append(score)
+    return scores, orphan
+
+
+# ------------------------------------------------------------------------------------------
+# the criterion
+
+
+class Obspa:
+    """Hessians of a model's consumers on a calibration source; scores and reconstruction."""
+
+    def __init__(self, model, analysis, calib: Calibration, *, damp: float = DAMP,
+                 max_full: int = MAX_FULL, seed: int = 0, batch_size: int = 64,
+                 threads: int = 0, rows_per_feature: int = ROWS_PER_FEATURE):
+        self.model, self.analysis, self.calib, self.damp = model, analysis, calib, damp
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self.consumers = find_consumers(analysis, max_full)
+        if calib.mode == "none":
+            self.hessians, self.info = surrogate_hessians(model, self.consumers)
+        else:
+            self.hessians, self.info = collect_hessians(
+                model, self.consumers, calib, seed=seed, batch_size=batch_size,
+                threads=threads, rows_per_feature=rows_per_feature)
+        self.timings["hessians_s"] = time.perf_counter() - t0
+        self.orphans: list[int] = []
+
+    def scores(self) -> list[np.ndarray]:
+        if getattr(self, "_scores", None) is not None:
+            return self._scores
+        t0 = time.perf_counter()
+        scores, self.orphans = greedy_scores(self.analysis, self.consumers, self.hessians,
+                                             damp=self.damp)
+        if self.orphans:  # no layer reads these groups: their share of the weight energy
+            from .magnitude import score as magnitude
+            l2 = magnitude(self.analysis, "l2")
+            for g in self.orphans:
+                e = np.square(l2[g])
+                scores[g] = e / e.sum() if e.sum() > 0 else e
+        self.timings["scores_s"] = time.perf_counter() - t0
+        self._scores = scores
+        return scores
+
+    def reconstruct(self, plan) -> Updates:
+        t0 = time.perf_counter()
+        upd = reconstruct(self.model, self.analysis, plan, self.consumers, self.hessians,
+                          damp=self.damp)
+        self.timings["reconstruct_s"] = time.perf_counter() - t0
+        return upd
+
+    def describe(self) -> dict:
+        modes = {}
+        for c in self.consumers:
+            modes[c.mode] = modes.get(c.mode, 0) + 1
+        return {"calibration": self.calib.describe(), "damp": self.damp,
+                "layers": len(self.consumers), "hessian_modes": modes,
+                "groups_without_consumers": self.orphans,
+                "hessians": {k: v for k, v in self.info.items() if k != "rows"},
+                "timings": {k: round(v, 3) for k, v in self.timings.items()}}
+
+
+# ------------------------------------------------------------------------------------------
+# predicted vs measured error
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    nb = float(np.linalg.norm(b))
+    return float(np.linalg.norm(a - b) / nb) if nb > 0 else float(np.linalg.norm(a))
+
+
+def evaluation_samples(model, calib: Calibration, n: int = 64, seed: int = 0):
+    """Samples to measure errors on: the first `n` calibration samples, or, without any
+    (calibration 'none'), `n` synthetic ones."""
+    if calib.arrays is not None:
+        return calib, f"{min(n, calib.n_samples)} {calib.mode} calibration samples"
+    from ..activations import synthesize
+    return synthesize(model, n=n, seed=seed + 1), f"{n} synthetic samples (no calibration data)"
+
+
+def measure(model, analysis, plan, consumers: list[Consumer], protos: dict, calib, *,
+            n: int = 64) -> dict:
+    """Relative output errors ‖y_pruned − y‖ / ‖y‖ of each pruned model in `protos` against
+    the original, on `n` samples: graph outputs and (same tensor names) every consumer's
+    output, compared on the output channels the plan keeps."""
+    from ..activations import run_outputs
+    kept = plan.kept_indices(analysis)
+    layer_out = {}
+    for c in consumers:
+        if c.node in layer_out:
+            continue
+        node = next((x for x in model.nodes if model.node_name(x) == (c.bias_node or c.node)),
+                    None)
+        y = node.output[0] if node is not None else None
+        r = model.rank(y) if y else None
+        if y is None or r is None or y in model.output_names:
+            continue
+        axis = {"conv": 1, "convT": 1, "dense": r - 1, "dense_left": r - 2}[c.kind]
+        layer_out[c.node] = (y, axis)
+    outs = list(model.output_names)
+    names = outs + sorted({y for y, _ in layer_out.values()})
+    ref = run_outputs(model.proto, names, calib, limit=n)
+    res = {}
+    for label, proto in protos.items():
+        got = run_outputs(proto, names, calib, limit=n)
+        layers = {}
+        for node, (y, axis) in layer_out.items():
+            a, b = got[y], ref[y]
+            idx = kept.get((y, axis))
+            if idx is not None:
+                b = np.take(b, idx, axis=axis)
+            if a.shape == b.shape:
+                layers[node] = _rel(a, b)
+        res[label] = {"outputs": {o: _rel(got[o], ref[o]) for o in outs}, "layers": layers}
+    return res
+
+
+def report(ob: "Obspa", plan, updates: Updates, protos: dict, *, n: int = 64) -> dict:
+    """The obspa part of a prune report: calibration, kept channels per group, predicted
+    (per layer, on the Hessians) vs measured (model outputs and layer outputs) errors."""
+    analysis = ob.analysis
+    samples, on = evaluation_samples(ob.model, ob.calib, n)
+    t0 = time.perf_counter()
+    meas = measure(ob.model, analysis, plan, ob.consumers, protos, samples, n=n)
+    ob.timings["measure_s"] = time.perf_counter() - t0
+    main = "reconstructed" if "reconstructed" in meas else next(iter(meas))
+    layers = []
+    for e in updates.layers:
+        row = {"node": e["node"], "inputs_removed": f"{e['removed_inputs']}/{e['inputs']}",
+               "predicted": round(e["predicted_rel_error"], 6),
+               "predicted_sliced": round(e["predicted_rel_error_sliced"], 6),
+               "updated": e["updated"], "bias": e.get("bias")}
+        m = meas[main]["layers"].get(e["node"])
+        if m is not None:
+            row["measured"] = round(m, 6)
+        layers.append(row)
+    pred = [e["predicted_rel_error"] for e in updates.layers]
+    pred_s = [e["predicted_rel_error_sliced"] for e in updates.layers]
+    out = ob.describe()
+    out.update({
+        "groups": {str(g): {"kept": len(k), "of": analysis.groups[g].channels}
+                   for g, k in sorted(plan.keep.items())},
+        "weights_changed": sorted(updates.consts),
+        "biases_added": [f"{k[0]}:{k[1]}" for k in sorted(updates.new_inputs)],
+        "predicted": {"mean_layer_rel_error": float(np.mean(pred)) if pred else 0.0,
+                      "mean_layer_rel_error_sliced": float(np.mean(pred_s)) if pred_s else 0.0,
+                      "what": "per layer, on its own (unpruned) inputs: sqrt of the error "
+                              "energy over the output energy, from the Hessians"},
+        "measured": {"on": on,
+                     "output_rel_error": meas[main]["outputs"],
+                     **({"output_rel_error_sliced": meas["sliced"]["outputs"]}
+                        if "sliced" in meas and main != "sliced" else {}),
+                     "what": "‖y_pruned − y‖ / ‖y‖ of the graph outputs; per layer (below) "
+                             "the layer outputs inside the pruned model, errors compounded "
+                             "from earlier layers"},
+        "layer_errors": layers,
+        "timings": {k: round(v, 3) for k, v in ob.timings.items()},
+    })
+    return out
