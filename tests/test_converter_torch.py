@@ -44,23 +44,16 @@ _CHUNK = ("C2f splits cv1's output with chunk(2), which always cuts two equal ha
 TORCH_CODE_LIMITS = {
     ("yolo_c2f_small", "dynamo"): _CHUNK,
     ("yolo_c2f_small", "legacy"): _CHUNK,
+    ("gpt_gqa_tiny", "legacy"):
+        "the legacy export computes the K/V expand in ways that keep the kv heads frozen, so "
+        "SPA prunes V's head dim on its own; the module uses one head_dim for K and V",
     ("vit_qkv", "dynamo"):
         "QKVAttention reshapes the attention output to the input's width (reshape(b, n, d) "
         "with d = x.shape[-1]); SPA prunes the residual stream and the heads separately",
 }
-# SPA cannot prune the legacy exporter's graph without constant folding (spa/ issues;
-# non-strict, so that a fix shows up as XPASS).
-SPA_LIMITS = {
-    ("hrnet_small", "legacy"):
-        "spa: the pruned graph is invalid in ONNX Runtime (Resize 'scales' rewritten to the "
-        "wrong length)",
-    ("bert_tiny", "legacy"):
-        "spa: internal error, the pruned graph fails onnx.checker (Concat of shape pieces "
-        "with different ranks)",
-    ("gpt_gqa_tiny", "legacy"):
-        "spa: internal error, the pruned graph fails onnx.checker (Concat of shape pieces "
-        "with different ranks)",
-}
+# (The SPA rewrite bugs these exports exposed -- Resize scales treated as channels, scalar
+# shape literals written back as 1-D -- are fixed; hrnet/bert/gpt legacy now map back.)
+SPA_LIMITS: dict = {}
 
 
 def _cases():
