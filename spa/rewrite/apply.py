@@ -123,28 +123,26 @@ def _sliced_consts(model, kept: dict, values: dict | None = None) -> dict[str, n
     return out
 
 
+def _copy_fields(dst, src, skip: str) -> None:
+    """Copy every set field of a protobuf message except `skip`."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
 def _copy_with(src: onnx.ModelProto, new_inits: dict) -> onnx.ModelProto:
     """A copy of the model in which the initializers named in `new_inits` are replaced,
     without copying their old data first (weights dominate the cost of a copy)."""
     proto = onnx.ModelProto()
-    for fd, value in src.ListFields():
-        if fd.name != "graph":
-            if fd.is_repeated:
-                getattr(proto, fd.name).extend(value)
-            elif fd.message_type is not None:
-                getattr(proto, fd.name).CopyFrom(value)
-            else:
-                setattr(proto, fd.name, value)
+    _copy_fields(proto, src, skip="graph")
     g, sg = proto.graph, src.graph
-    for fd, value in sg.ListFields():
-        if fd.name == "initializer":
-            continue
-        if fd.is_repeated:
-            getattr(g, fd.name).extend(value)
-        elif fd.message_type is not None:
-            getattr(g, fd.name).CopyFrom(value)
-        else:
-            setattr(g, fd.name, value)
+    _copy_fields(g, sg, skip="initializer")
     for t in sg.initializer:
         if t.name in new_inits:
             nt = numpy_helper.from_array(new_inits[t.name], t.name)
