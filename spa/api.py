@@ -18,6 +18,9 @@ from .select import (SELECTIONS, global_rank, knapsack, parse_target, uniform,
                      uniform_for_target)
 from .verify import verify as _verify, VerifyResult
 
+#: calibration of criterion obspa when none is given (see docs/obspa.md)
+DEFAULT_CALIB = "synthetic"
+
 
 @dataclass
 class PruneResult:
@@ -27,15 +30,18 @@ class PruneResult:
     before: dict
     after: dict
     verify: VerifyResult | None = None
+    obspa: dict | None = None          # criterion obspa: calibration, predicted/measured error
 
     def report(self) -> dict:
         return {"plan": self.plan.to_json(), "before": self.before, "after": self.after,
+                **({"obspa": self.obspa} if self.obspa is not None else {}),
                 "verify": self.verify.to_json() if self.verify else None,
                 "groups_pruned": len(self.plan.keep),
                 "groups_total": len(self.analysis.groups),
                 "select": self.plan.options.get("select"),
                 "target": self.plan.options.get("target"),
-                "achieved": self.plan.options.get("achieved")}
+                "achieved": self.plan.options.get("achieved"),
+                "latency": self.plan.options.get("latency")}
 
 
 def stats(model) -> dict:
@@ -44,10 +50,12 @@ def stats(model) -> dict:
 
 def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to: int = 1,
               seed: int = 0, exact_only: bool = False, target=None, select: str = "uniform",
-              normalize: str = "mean", max_group_loss: float = 0.9) -> Plan:
+              normalize: str = "mean", max_group_loss: float = 0.9, latency=None) -> Plan:
     """Score and select. Without `target`: `ratio` of every group (uniform). With `target`
     ("flops:0.5", ("params", 0.3)): the plan costs at most that fraction of the original,
-    chosen by `select` (uniform: one ratio found by bisection; global; knapsack)."""
+    chosen by `select` (uniform: one ratio found by bisection; global; knapsack).
+    "latency:F" predicts latency from tables measured as `latency` (a
+    spa.latency.LatencySettings: provider, batch, threads) says."""
     if not 0.0 <= ratio < 1.0:
         raise UsageError(f"--ratio must be in [0, 1), got {ratio}")
     if round_to < 1:
@@ -56,6 +64,9 @@ def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to:
         raise UsageError(f"unknown selection {select!r} (use one of {', '.join(SELECTIONS)})")
     if target is not None:
         target = parse_target(target)
+        if target.metric == "latency":
+            from .latency import attach
+            attach(model, analysis, latency)
     elif select != "uniform":
         raise UsageError(f"--select {select} needs a budget: give --target, e.g. flops:0.5")
     scores = score(analysis, criterion, seed=seed)
@@ -73,22 +84,63 @@ def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to:
 def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1,
           seed: int = 0, plan: Plan | None = None, do_verify: bool = False,
           exact_only: bool = False, progress=None,
-          input_shapes: dict | None = None, target=None, select: str = "uniform",
-          normalize: str = "mean", max_group_loss: float = 0.9) -> PruneResult:
-    """Analyze, plan (or take the given plan), rewrite and optionally verify a model."""
+          input_shapes: dict | None = None, target=None, select: str | None = None,
+          normalize: str | None = None, max_group_loss: float = 0.9,
+          latency=None, calib=None) -> PruneResult:
+    """Analyze, plan (or take the given plan), rewrite and optionally verify a model.
+    A "latency:F" target measures: see spa.latency.prune_to_latency.
+    criterion "obspa": `calib` is an .npz path, "synthetic" or "none" (default
+    DEFAULT_CALIB); the kept weights are reconstructed (docs/obspa.md), and `do_verify`
+    checks the structural plan before reconstruction with the oracle."""
     if isinstance(model, (str, os.PathLike)):
         model = load(model)
+    if calib is not None and criterion != "obspa":
+        raise UsageError("--calib applies to --criterion obspa only")
+    if criterion == "obspa":
+        normalize = "none" if normalize is None else normalize  # its scores compare already
+        select = ("global" if target is not None else "uniform") if select is None else select
+    normalize = "mean" if normalize is None else normalize
+    select = "uniform" if select is None else select
     analysis = analyze(model, progress=progress)
+    ob = None
+    if criterion == "obspa":
+        from .activations import load_calibration
+        from .criteria.obspa import Obspa
+        ob = Obspa(model, analysis, load_calibration(
+            DEFAULT_CALIB if calib is None else calib, model, seed=seed), seed=seed)
+        analysis.__dict__["_obspa"] = ob
+    proto = None
     if plan is None:
-        plan = make_plan(model, analysis, ratio=ratio, criterion=criterion, round_to=round_to,
-                         seed=seed, exact_only=exact_only, target=target, select=select,
-                         normalize=normalize, max_group_loss=max_group_loss)
-    proto = apply_plan(model, analysis, plan)
+        def plan_for(t):
+            return make_plan(model, analysis, ratio=ratio, criterion=criterion,
+                             round_to=round_to, seed=seed, exact_only=exact_only, target=t,
+                             select=select, normalize=normalize,
+                             max_group_loss=max_group_loss, latency=latency)
+        if target is not None and parse_target(target).metric == "latency":
+            from .latency import LatencySettings, prune_to_latency
+            plan, proto = prune_to_latency(model, analysis, parse_target(target), plan_for,
+                                           latency or LatencySettings())
+        else:
+            plan = plan_for(target)
+    if proto is None:
+        proto = apply_plan(model, analysis, plan)
+    structural = proto
+    if ob is not None:  # the weight update is part of applying the plan
+        updates = ob.reconstruct(plan)
+        plan.options.setdefault("calib", ob.calib.mode)
+        plan.options.setdefault("reconstruct", True)
+        proto = apply_plan(model, analysis, plan, updates)
     check(proto, model.proto, model.path)
     pruned = from_proto(proto, path=model.path, infer=True)
     result = PruneResult(plan, proto, analysis, stats(model), stats(pruned))
-    if do_verify:
-        result.verify = _verify(model, proto, analysis, plan, input_shapes=input_shapes)
+    if do_verify:  # the oracle holds for the structural plan (before any weight update)
+        result.verify = _verify(model, structural, analysis, plan, input_shapes=input_shapes)
+    if ob is not None:
+        from .criteria.obspa import report
+        result.obspa = report(ob, plan, updates, {"reconstructed": proto,
+                                                  "sliced": structural})
+        result.obspa["verify_applies_to"] = "the structural plan before reconstruction " \
+            "(the reconstruction changes weights; see measured)"
     return result
 
 

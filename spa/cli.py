@@ -1,5 +1,6 @@
-"""`spa analyze | prune | verify | bench | convert` — exit codes: 0 success, 1 verification
-failed, 2 usage error, 3 the model (or plan) cannot be processed."""
+"""`spa analyze | prune | verify | bench | eval | convert` — exit codes: 0 success, 1
+verification failed, 2 usage error, 3 the model (or plan) cannot be processed, 4 the pruned
+model failed the accuracy / deviation gate (--max-drop, --max-deviation; nothing written)."""
 from __future__ import annotations
 
 import argparse
@@ -89,7 +90,7 @@ def _budget_args(args):
     """--target METRIC:FRACTION (malformed: exit 2 before anything is loaded)."""
     from .select import parse_target
     if args.target is None:
-        if args.select != "uniform":
+        if args.select not in (None, "uniform"):
             raise UsageError(f"--select {args.select} needs --target, e.g. --target flops:0.5")
         return None
     if args.plan:
@@ -97,27 +98,83 @@ def _budget_args(args):
     return parse_target(args.target)
 
 
+def _latency_args(args, target):
+    """--provider/--batch/--threads for a latency target (checked before loading)."""
+    from .latency import LatencySettings, default_log
+    settings = LatencySettings(provider=args.provider, batch=args.batch, threads=args.threads,
+                               rounds=args.latency_rounds, refresh=args.latency_refresh,
+                               log=default_log if sys.stderr.isatty() else None)
+    if target is not None and target.metric == "latency":
+        settings.check()
+    return settings
+
+
+def _print_latency(lat: dict) -> None:
+    m = lat["model"]
+    print(f"latency on {m['provider']} (batch {m['batch']}, threads {m['threads'] or 'default'}"
+          f"): asked {lat['asked']:g}, predicted {lat['predicted']:.4f}, measured "
+          f"{lat['measured']:.4f} of the original ({100 * lat['miss']:+.1f} %, "
+          f"{'within' if lat['within_tolerance'] else 'outside'} "
+          f"{100 * lat['tolerance']:g} %)")
+    for k, r in enumerate(lat["rounds"]):
+        print(f"  round {k + 1}: aimed {r['aim']:.4f} predicted {r['predicted']:.4f} measured "
+              f"{r['measured']:.4f} ({r['original_ms']:.2f} -> {r['pruned_ms']:.2f} ms, "
+              f"median of {r['runs']} interleaved runs)")
+
+
+def _print_obspa(ob: dict) -> None:
+    cal = ob["calibration"]
+    print(f"obspa: calibration {cal['mode']} ({cal['samples']} samples, {cal['source']}); "
+          f"{ob['layers']} layers, Hessians in {ob['timings'].get('hessians_s', 0):.2f} s")
+    for note in cal["notes"]:
+        print(f"  {note}")
+    kept = ", ".join(f"{g}:{v['kept']}/{v['of']}" for g, v in ob["groups"].items())
+    print(f"  kept channels per group (group:kept/of): {kept or 'none pruned'}")
+    p, m = ob["predicted"], ob["measured"]
+    print(f"  predicted mean layer error {p['mean_layer_rel_error']:.4f} (plain slicing "
+          f"{p['mean_layer_rel_error_sliced']:.4f})")
+    for name, e in m["output_rel_error"].items():
+        sl = m.get("output_rel_error_sliced", {}).get(name)
+        print(f"  measured output error {name!r}: {e:.4f}"
+              + (f" (plain slicing {sl:.4f})" if sl is not None else "") + f" on {m['on']}")
+    print(f"  weights updated: {len(ob['weights_changed'])}, biases added: "
+          f"{len(ob['biases_added'])}")
+
+
 def cmd_prune(args) -> int:
     from . import api
+    from .evaluate import GateError, check_gate_args, gate, load_dataset
     from .plan import Plan
     _check_output(args)
     target = _budget_args(args)
+    latency = _latency_args(args, target)
+    check_gate_args(args.eval, args.max_drop, args.max_deviation)
+    dataset = load_dataset(args.eval) if args.eval else None
     plan = Plan.load(args.plan) if args.plan else None
     model = api.load(args.model)
     res = api.prune(model, ratio=args.ratio, criterion=args.criterion, round_to=args.round_to,
                     seed=args.seed, plan=plan, do_verify=args.verify,
                     exact_only=args.exact_only, progress=_progress("analyze"),
                     target=target, select=args.select, normalize=args.normalize,
-                    max_group_loss=args.max_group_loss)
+                    max_group_loss=args.max_group_loss, latency=latency, calib=args.calib)
     if target is not None:
-        print(f"target {target.name}:{target.fraction:g} ({args.select} selection): achieved "
-              f"{res.plan.options.get('achieved', float('nan')):.4f} of the original")
+        print(f"target {target.name}:{target.fraction:g} "
+              f"({res.plan.options.get('select', args.select)} selection): achieved "
+              f"{res.plan.options.get('achieved', float('nan')):.4f} of the original"
+              + (" (predicted)" if target.metric == "latency" else ""))
+        if res.plan.options.get("latency"):
+            _print_latency(res.plan.options["latency"])
     b, a = res.before, res.after
     print(f"pruned {len(res.plan.keep)}/{len(res.analysis.groups)} groups: params "
           f"{_fmt(b['params'])} -> {_fmt(a['params'])} ({a['params'] / max(b['params'], 1):.1%}),"
           f" MACs {_fmt(b['macs'])} -> {_fmt(a['macs'])} ({a['macs'] / max(b['macs'], 1):.1%})")
+    if res.obspa is not None:
+        _print_obspa(res.obspa)
     if res.verify is not None:
         v = res.verify
+        if res.obspa is not None:
+            print("verify: the oracle checks the structural plan before reconstruction (the "
+                  "reconstruction changes weights: its error is the 'measured' line above)")
         if v.passed is None:
             print(f"verify: approximate groups pruned {v.approximate_groups}; deviation from "
                   f"the masked original {v.max_rel_error:.3g} (relative)")
@@ -128,10 +185,19 @@ def cmd_prune(args) -> int:
             print("error: the pruned model does not match the masked original; nothing written",
                   file=sys.stderr)
             return 1
+    report = res.report()
+    if dataset is not None or args.max_deviation is not None:
+        g = gate(model.proto, res.proto, dataset, max_drop=args.max_drop,
+                 max_deviation=args.max_deviation, provider=args.provider,
+                 threads=args.threads, limit=args.eval_limit)
+        print(g.summary())
+        report["eval"] = g.to_json()
+        if not g.passed:
+            raise GateError("; ".join(g.failures) + "; nothing written", file=args.model)
     if args.plan_out:
         _write_text(args.plan_out, res.plan.dumps())
     if args.report:
-        _write_text(args.report, json.dumps(res.report(), indent=1))
+        _write_text(args.report, json.dumps(report, indent=1))
     api.save(res.proto, args.output, source=args.model)
     print(f"wrote {args.output}")
     return 0
@@ -199,15 +265,52 @@ def _infer_plan(model, pruned, ana):
 def cmd_bench(args) -> int:
     from .bench import bench_models
     rows = bench_models(args.models, provider=args.provider, batches=args.batch,
-                        threads=args.threads, repeat=args.repeat)
-    print(f"{'model':<40} {'batch':>5} {'median ms':>10} {'p10-p90 ms':>16} {'img/s':>9} "
-          f"{'speed-up':>8}")
+                        threads=args.threads, repeat=args.repeat, warmup=args.warmup)
+    if args.json == "-":
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'model':<40} {'batch':>5} {'median ms':>10} {'p10-p90 ms':>16} {'spread':>7} "
+          f"{'samples/s':>9} {'speed-up (p10-p90)':>19}")
     for r in rows:
         print(f"{os.path.basename(r['model']):<40} {r['batch']:>5} {r['median_ms']:>10.3f} "
-              f"{r['p10_ms']:>7.3f}-{r['p90_ms']:<8.3f} {r['throughput']:>9.1f} "
-              f"{r['speedup']:>7.2f}x")
+              f"{r['p10_ms']:>7.3f}-{r['p90_ms']:<8.3f} {100 * r['spread']:>6.1f}% "
+              f"{r['throughput']:>9.1f} {r['speedup_p10']:>5.2f}-{r['speedup_p90']:<5.2f} "
+              f"{r['speedup']:>6.2f}x")
     if args.json:
         _write_text(args.json, json.dumps(rows, indent=1))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import api
+    from .evaluate import GateError, check_gate_args, evaluate, gate, load_dataset
+    check_gate_args(args.dataset, args.max_drop, args.max_deviation)
+    if (args.max_drop is not None or args.max_deviation is not None) and not args.baseline:
+        raise UsageError("--max-drop / --max-deviation compare with a model: give --baseline "
+                         "ORIGINAL.onnx")
+    from .bench import check_provider
+    check_provider(args.provider)
+    dataset = load_dataset(args.dataset)
+    model = api.load(args.model)
+    if args.baseline:
+        base = api.load(args.baseline)
+        g = gate(base.proto, model.proto, dataset, max_drop=args.max_drop,
+                 max_deviation=args.max_deviation, provider=args.provider,
+                 threads=args.threads, batch=args.batch, limit=args.limit)
+        print(json.dumps(g.to_json(), indent=1) if args.json else g.summary())
+        if not g.passed:
+            raise GateError("; ".join(g.failures), file=args.model)
+        return 0
+    r = evaluate(model.proto, dataset, provider=args.provider, threads=args.threads,
+                 batch=args.batch, limit=args.limit)
+    if args.json:
+        print(json.dumps({"model": args.model, "dataset": dataset.name, **r}, indent=1))
+    elif r["accuracy"] is None:
+        print(f"{args.model}: {r['samples']} samples of {dataset.name} run; no labels, no "
+              "accuracy")
+    else:
+        print(f"{args.model}: top-1 accuracy {100 * r['accuracy']:.2f}% on {r['samples']} "
+              f"samples of {dataset.name}")
     return 0
 
 
@@ -238,7 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--ratio", type=float, default=0.5,
                    help="fraction of the channels of every prunable group to remove")
-    q.add_argument("--criterion", default="l2", choices=["l1", "l2", "random"])
+    q.add_argument("--criterion", default="l2", choices=["l1", "l2", "random", "obspa"],
+                   help="obspa: OBS saliency on calibration data, with least-squares "
+                        "reconstruction of the kept weights (docs/obspa.md)")
+    q.add_argument("--calib", metavar="FILE.npz|synthetic|none",
+                   help="obspa calibration: .npz (one array per graph input, first axis = "
+                        "samples), 'synthetic' (inputs synthesised from the model, default) "
+                        "or 'none' (statistics stored in the model)")
     q.add_argument("--round-to", type=int, default=1, help="keep group sizes multiples of N")
     q.add_argument("--exact-only", action="store_true",
                    help="do not prune approximate groups (channels under a normalisation)")
@@ -250,14 +359,37 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--target", metavar="METRIC:F",
                    help="budget instead of --ratio: keep at most F of the original flops "
                         "(MACs), params or memory, e.g. flops:0.5")
-    q.add_argument("--select", default="uniform", choices=["uniform", "global", "knapsack"],
+    q.add_argument("--select", default=None, choices=["uniform", "global", "knapsack"],
                    help="with --target: one ratio for all groups (bisection), one global "
-                        "ranking, or the knapsack (MILP) that keeps the most importance")
-    q.add_argument("--normalize", default="mean",
+                        "ranking, or the knapsack (MILP) that keeps the most importance "
+                        "(default uniform; global for --criterion obspa)")
+    q.add_argument("--normalize", default=None,
                    choices=["mean", "max", "sum", "none", "standardization", "lamp"],
-                   help="per-group score normalisation for --select global/knapsack")
+                   help="per-group score normalisation for --select global/knapsack "
+                        "(default mean; none for obspa, whose scores compare across groups)")
     q.add_argument("--max-group-loss", type=float, default=0.9,
                    help="with --target: largest fraction of one group's channels removed")
+    q.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
+                   help="with --target latency:F: execution provider the latency is measured "
+                        "on (also runs --eval)")
+    q.add_argument("--batch", type=int, default=1, help="with --target latency:F: batch size")
+    q.add_argument("--threads", type=int, default=0,
+                   help="with --target latency:F: intra-op threads (0: ONNX Runtime default)")
+    q.add_argument("--latency-rounds", type=int, default=3,
+                   help="with --target latency:F: at most N plans, each measured against the "
+                        "original; the next one corrects the miss (> 5 %%)")
+    q.add_argument("--latency-refresh", action="store_true",
+                   help="measure the per-node latency tables again (ignore the cache)")
+    q.add_argument("--eval", metavar="DATA",
+                   help="fashion-mnist, a directory of IDX files or FILE.npz (inputs keyed by "
+                        "input name, optional `labels`): compare pruned and original on it")
+    q.add_argument("--max-drop", type=float, metavar="PTS",
+                   help="with --eval: fail (exit 4, nothing written) if top-1 accuracy drops "
+                        "by more than PTS percentage points")
+    q.add_argument("--max-deviation", type=float, metavar="X",
+                   help="fail (exit 4, nothing written) if ||pruned - original|| / ||original|| "
+                        "of the outputs exceeds X (on --eval data, else on random inputs)")
+    q.add_argument("--eval-limit", type=int, metavar="N", help="evaluate the first N samples")
     q.set_defaults(fn=cmd_prune)
 
     v = sub.add_parser("verify", help="check a pruned model against its original")
@@ -273,9 +405,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--batch", type=int, nargs="+", default=[1])
     b.add_argument("--threads", type=int, default=0)
-    b.add_argument("--repeat", type=int, default=50)
-    b.add_argument("--json", help="write the rows as JSON")
+    b.add_argument("--repeat", type=int, default=50, help="interleaved rounds (medians)")
+    b.add_argument("--warmup", type=int, default=None,
+                   help="warm-up runs per model (default: >= 1, until 1 s, at most 5)")
+    b.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="JSON rows (median, p10, p90, spread, speed-up and its p10/p90): to "
+                        "FILE, or instead of the table without FILE")
     b.set_defaults(fn=cmd_bench)
+
+    e = sub.add_parser("eval", help="top-1 accuracy on a data set; with --baseline, the gate")
+    e.add_argument("model")
+    e.add_argument("--dataset", required=True, metavar="DATA",
+                   help="fashion-mnist, a directory of IDX files or FILE.npz")
+    e.add_argument("--baseline", metavar="ORIGINAL",
+                   help="compare with this model (accuracy drop, output deviation)")
+    e.add_argument("--max-drop", type=float, metavar="PTS",
+                   help="with --baseline: exit 4 if accuracy drops by more than PTS points")
+    e.add_argument("--max-deviation", type=float, metavar="X",
+                   help="with --baseline: exit 4 if the relative output deviation exceeds X")
+    e.add_argument("--limit", type=int, metavar="N", help="only the first N samples")
+    e.add_argument("--batch", type=int, default=256)
+    e.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("convert", help="export a framework model to ONNX (docs/frameworks.md)")
     c.add_argument("framework", choices=["torch"])

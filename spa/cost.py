@@ -24,7 +24,9 @@ from .ops.registry import Node
 
 METRICS = ("params", "macs", "memory")
 #: names a user may give a budget's metric, and the cost they mean
-METRIC_ALIASES = {"flops": "macs", "macs": "macs", "params": "params", "memory": "memory"}
+METRIC_ALIASES = {"flops": "macs", "macs": "macs", "params": "params", "memory": "memory",
+                  # measured, not counted: spa.latency.attach() adds it to the cost model
+                  "latency": "latency"}
 
 
 def _size(shape) -> int:

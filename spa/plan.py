@@ -96,7 +96,7 @@ class Plan:
             if not ks:
                 raise PlanError(f"group {g}: at least one channel must be kept", file=source)
         removed = analysis.removed_table(self.removed(analysis))
-        for key in analysis.member_keys():
+        for key in analysis.channel_keys():
             m = analysis.removed_mask(key, removed)
             if m is not None and len(m) and m.all():
                 raise PlanError(f"the plan removes every index of {key[0]!r} axis {key[1]} "
@@ -118,7 +118,7 @@ class Plan:
         if not len(ids):
             return kept
         removed = analysis.removed_table(ids)
-        for key in analysis.member_keys():
+        for key in analysis.channel_keys():
             m = analysis.removed_mask(key, removed)
             if m is not None and m.any():
                 kept[key] = np.nonzero(~m)[0]

@@ -275,6 +275,20 @@ class Analysis:
     def member_keys(self) -> list[DimKey]:
         return [k for k in self.coupler.keys if k[0] != "~virtual"]
 
+    def channel_keys(self) -> list[DimKey]:
+        """The dims that own at least one prunable channel (the ones a plan can change)."""
+        keys = self.__dict__.get("_channel_keys")
+        if keys is None:
+            c = self.coupler
+            has = np.zeros(len(c.keys), bool)
+            if c.n_elems:
+                owned = self.chan_of_class[self.label] != -1
+                dim_of = np.repeat(np.arange(len(c.keys)), c.length)
+                has[np.unique(dim_of[owned])] = True
+            keys = [k for d, k in enumerate(c.keys) if has[d] and k[0] != "~virtual"]
+            self.__dict__["_channel_keys"] = keys
+        return keys
+
     @property
     def n_channels(self) -> int:
         return len(self.group_of_chan)
