@@ -41,7 +41,7 @@ def cmd_analyze(args) -> int:
     ana = api.analyze(model, progress=_progress("analyze"))
     st = api.stats(model)
     if args.json:
-        out = {"model": args.model, **ana.to_json(), **st}
+        out = {"model": args.model, **ana.to_json(), **st, "flops": 2 * st["macs"]}
         print(json.dumps(out, indent=1))
         return 0
     print(f"{args.model}: {len(model.nodes)} nodes, params {_fmt(st['params'])}, "

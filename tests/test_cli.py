@@ -56,7 +56,7 @@ def test_analyze_table_and_json(cnn):
     assert rc == 0 and "prunable groups" in out and "frozen" in out
     rc, out, _ = spa_cli("analyze", cnn, "--json")
     data = json.loads(out)
-    assert rc == 0 and data["params"] > 0 and data["macs"] > 0
+    assert rc == 0 and data["params"] > 0 and data["flops"] == 2 * data["macs"] > 0
     assert sorted(g["channels"] for g in data["groups"]) == [8, 12]
     for g in data["groups"]:
         assert g["exact"] is True and g["constraints"]["min_channels"] == 1
