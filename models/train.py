@@ -402,6 +402,7 @@ def train(name, epochs, seed=0, lr=None, batch=None, optimizer=None, wd=None,
         div_factor=10.0, final_div_factor=100.0)
     recipe.update(epochs=epochs, seed=seed, schedule="onecycle(pct_start=0.15)",
                   momentum=0.9 if recipe["optimizer"] == "sgd" else None,
+                  nesterov=recipe["optimizer"] == "sgd", threads=torch.get_num_threads(),
                   augmentation="random crop (pad 2) + horizontal flip",
                   train_images=n)
     log(f"{name}: {sum(p.numel() for p in model.parameters())} params, {n} images, "
