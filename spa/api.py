@@ -65,8 +65,8 @@ def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to:
     if target is not None:
         target = parse_target(target)
         if target.metric == "latency":
-            from .latency import attach
-            attach(model, analysis, latency)
+            from .latency import LatencySettings, attach
+            attach(model, analysis, latency or LatencySettings(align=round_to))
     elif select != "uniform":
         raise UsageError(f"--select {select} needs a budget: give --target, e.g. flops:0.5")
     scores = score(analysis, criterion, seed=seed)
@@ -118,8 +118,9 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
                              max_group_loss=max_group_loss, latency=latency)
         if target is not None and parse_target(target).metric == "latency":
             from .latency import LatencySettings, prune_to_latency
+            latency = latency or LatencySettings(align=round_to)
             plan, proto = prune_to_latency(model, analysis, parse_target(target), plan_for,
-                                           latency or LatencySettings())
+                                           latency)
         else:
             plan = plan_for(target)
     if proto is None:

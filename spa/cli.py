@@ -100,11 +100,15 @@ def _budget_args(args):
 
 def _latency_args(args, target):
     """--provider/--batch/--threads for a latency target (checked before loading)."""
-    from .latency import LatencySettings, default_log
+    from .latency import LatencySettings, default_log, default_round_to
+    is_latency = target is not None and target.metric == "latency"
+    if args.round_to is None:
+        args.round_to = default_round_to(args.provider) if is_latency else 1
     settings = LatencySettings(provider=args.provider, batch=args.batch, threads=args.threads,
                                rounds=args.latency_rounds, refresh=args.latency_refresh,
+                               align=args.round_to,
                                log=default_log if sys.stderr.isatty() else None)
-    if target is not None and target.metric == "latency":
+    if is_latency:
         settings.check()
     return settings
 
@@ -161,7 +165,7 @@ def cmd_prune(args) -> int:
         print(f"target {target.name}:{target.fraction:g} "
               f"({res.plan.options.get('select', args.select)} selection): achieved "
               f"{res.plan.options.get('achieved', float('nan')):.4f} of the original"
-              + (" (predicted)" if target.metric == "latency" else ""))
+              + (" (measured)" if target.metric == "latency" else ""))
         if res.plan.options.get("latency"):
             _print_latency(res.plan.options["latency"])
     b, a = res.before, res.after
@@ -348,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="obspa calibration: .npz (one array per graph input, first axis = "
                         "samples), 'synthetic' (inputs synthesised from the model, default) "
                         "or 'none' (statistics stored in the model)")
-    q.add_argument("--round-to", type=int, default=1, help="keep group sizes multiples of N")
+    q.add_argument("--round-to", type=int, default=None,
+                   help="keep group sizes multiples of N (default 1; with --target latency:F "
+                        "the provider's channel block: 16 on AVX-512 CPUs, else 8)")
     q.add_argument("--exact-only", action="store_true",
                    help="do not prune approximate groups (channels under a normalisation)")
     q.add_argument("--plan", help="apply this plan (JSON) instead of selecting")

@@ -36,7 +36,8 @@ def cli_reference() -> str:
            "Generated from the argument parser by `python -m spa.docgen`; do not edit.", "",
            "Exit codes: 0 success; 1 verification failed (the pruned model does not match the",
            "masked original); 2 usage error; 3 the model, plan or data file cannot be",
-           "processed (the message names the file, the node and the reason). On any failure",
+           "processed (the message names the file, the node and the reason); 4 the pruned",
+           "model failed the deployment gate (`--max-drop`, `--max-deviation`). On any failure",
            "no output file is written; the input file is never modified; output is written",
            "atomically; the same input and options give byte-identical output.", "",
            "```", parser.format_help().rstrip(), "```", ""]

@@ -63,6 +63,8 @@ from .ops.registry import Node
 
 #: kept fractions at which every class of a node is measured
 GRID = (1.0, 0.75, 0.5, 0.25, 0.1)
+#: weight of the prior scale = 1 in the calibration fit (relative to the dense latency)
+PRIOR = 0.3
 #: measured latency within this relative distance of the asked one ends the loop
 TOLERANCE = 0.05
 FORMAT = "spa-latency/1"
@@ -202,21 +204,26 @@ class LatencyModel:
     def fit(self, cm: CostModel, calibration: list[tuple[float, float, float]]) -> None:
         """scale, const and rest from whole-model measurements [(heavy ms, memory fraction,
         measured ms)], the dense model first: exact at the dense model, least squares
-        (non-negative) on the others. Without others: the rest is all memory-bound."""
+        (non-negative) on the others, with a weak pull of `scale` towards 1 (the tables are
+        kernel times; heavy nodes and memory shrink together in uniform plans, so the data
+        alone can leave the split between them to chance). Without others: the rest is all
+        memory-bound."""
         from scipy.optimize import nnls
         self.memory0 = float(max(cm.original["memory"], 1))
         self.calibration = [tuple(round(float(x), 6) for x in c) for c in calibration]
         h0, _, l0 = calibration[0]
         if len(calibration) > 1:
-            a = np.array([[h - h0, m - 1.0] for h, m, _ in calibration[1:]])
-            b = np.array([lat - l0 for _, _, lat in calibration[1:]])
+            prior = PRIOR * h0
+            a = np.array([[h - h0, m - 1.0] for h, m, _ in calibration[1:]] + [[prior, 0.0]])
+            b = np.array([lat - l0 for _, _, lat in calibration[1:]] + [prior])
             (s, r), _ = nnls(a, b)
             c = l0 - s * h0 - r
             if c < 0:        # nothing fixed: fit through the origin, the dense row dominant
                 w = np.array([100.0] + [1.0] * (len(calibration) - 1))
                 a = np.array([[h, m] for h, m, _ in calibration]) * w[:, None]
                 (s, r), _ = nnls(a, np.array([lat for _, _, lat in calibration]) * w)
-                c = 0.0
+                k = l0 / max(s * h0 + r, 1e-12)    # and exactly through the dense model
+                s, r, c = s * k, r * k, 0.0
             if s > 0 or r > 0:
                 self.scale, self.rest_ms, self.const_ms = float(s), float(r), float(c)
                 return
@@ -409,26 +416,104 @@ def _overhead_ms(settings: LatencySettings) -> float:
     return float(np.median(t)) * 1e3
 
 
+#: ops ONNX Runtime adds around a one-node model that the node does not have in its graph
+#: (the blocked-layout conversions before and after a CPU convolution: inside the model the
+#: activations stay blocked from one convolution to the next)
+LAYOUT_OPS = ("ReorderInput", "ReorderOutput")
+
+
+def _kernel_ms(session, runs: int) -> np.ndarray | None:
+    """Per run, the summed kernel time (ms) of the session's last `runs` runs, without the
+    layout conversions, from ONNX Runtime's profile (None if it cannot be read)."""
+    path = session.end_profiling()
+    try:
+        with open(path) as f:
+            events = json.load(f)
+    except (OSError, ValueError):
+        return None
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    kern = [e for e in events if e.get("cat") == "Node" and
+            str(e.get("name", "")).endswith("_kernel_time") and
+            e.get("args", {}).get("op_name") not in LAYOUT_OPS]
+    run_ev = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                    if e.get("cat") == "Session" and e.get("name") == "model_run")
+    if len(run_ev) < runs or not kern:
+        return None
+    out = []
+    for t0, t1 in run_ev[-runs:]:
+        out.append(sum(e["dur"] for e in kern if t0 <= e["ts"] <= t1) * 1e-3)
+    return np.asarray(out)
+
+
 def _measure(model, points: list[_Point], settings: LatencySettings, overhead: float,
              budget_s: float = 0.5, seed: int = 0) -> dict[str, float]:
-    """Median latency (ms, overhead subtracted) of the points of one node, interleaved."""
+    """Median latency (ms) of the points of one node, interleaved.
+
+    CPU: the kernels' own time from ONNX Runtime's profile, without the layout conversions
+    a one-node model needs and the model does not; CUDA (where the profile only sees kernel
+    *launches*): wall-clock time with I/O binding, minus the overhead of an empty run."""
     rng = np.random.default_rng(seed)
     bufs = _buffers(points, rng)
+    profile = settings.provider == "cpu"
     runners = []
-    for p in points:
-        proto, shapes = p.build(model, rng)
-        feeds = {t: bufs[t][:int(np.prod(s)) if s else 1].reshape(s)
-                 for t, (s, _) in shapes.items()}
-        runners.append(Runner(make_session(proto, settings.provider, settings.threads),
-                              feeds, settings.provider))
-    # one timed run each (after a warm-up run) sizes the number of rounds
-    first = time_interleaved(runners, repeat=1, warmup=1)
-    per_round = float(first.sum())
-    rounds = int(min(25, max(5, math.ceil(budget_s / max(per_round, 1e-6)))))
-    t = np.vstack([first, time_interleaved(runners, repeat=rounds - 1, warmup=0)]) \
-        if rounds > 1 else first
-    med = np.median(t, axis=0) * 1e3
-    return {p.sig: max(float(m) - overhead, 0.0) for p, m in zip(points, med)}
+    with tempfile.TemporaryDirectory(prefix="spa-profile-") as tmp:
+        for k, p in enumerate(points):
+            proto, shapes = p.build(model, rng)
+            feeds = {t: bufs[t][:int(np.prod(s)) if s else 1].reshape(s)
+                     for t, (s, _) in shapes.items()}
+            sess = make_session(proto, settings.provider, settings.threads,
+                                profile=os.path.join(tmp, f"p{k}") if profile else None)
+            runners.append(Runner(sess, feeds, settings.provider))
+        # one timed run each (after a warm-up run) sizes the number of rounds
+        first = time_interleaved(runners, repeat=1, warmup=1)
+        per_round = float(first.sum())
+        rounds = int(min(25, max(5, math.ceil(budget_s / max(per_round, 1e-6)))))
+        t = np.vstack([first, time_interleaved(runners, repeat=rounds - 1, warmup=0)]) \
+            if rounds > 1 else first
+        wall = np.median(t, axis=0) * 1e3 - overhead
+        out = {}
+        for p, r, w in zip(points, runners, wall):
+            k = _kernel_ms(r.session, rounds) if profile else None
+            out[p.sig] = float(np.median(k)) if k is not None else max(float(w), 0.0)
+    return out
+
+
+def _smooth(axes: list[np.ndarray], ms: np.ndarray) -> np.ndarray:
+    """Replace outliers (a busy moment of a shared machine) by a smooth fit.
+
+    A node's latency is close to a + b*f_in + c*f_out + d*f_in*f_out (fixed cost, reading
+    the input, writing the output, the multiply-accumulates): that is fitted with
+    non-negative coefficients, robustly (points far off are dropped and the fit repeated),
+    and a point more than 3 robust deviations (and 25 %) off the fit is replaced by it.
+    Real steps (a faster kernel at some width) stay; single wild points go."""
+    from scipy.optimize import nnls
+    grids = np.meshgrid(*axes, indexing="ij")
+    fs = [g.ravel() for g in grids]
+    y = ms.ravel().astype(np.float64)
+    if len(y) < 4:
+        return ms
+    if len(fs) == 1:
+        x = np.stack([np.ones_like(y), fs[0], fs[0] ** 2], 1)
+    else:
+        x = np.stack([np.ones_like(y), fs[0], fs[1], fs[0] * fs[1]], 1)
+    keep = np.ones(len(y), bool)
+    fit = y
+    for _ in range(3):
+        coef, _ = nnls(x[keep], y[keep])
+        fit = x @ coef
+        rel = (y - fit) / np.maximum(fit, 1e-9)
+        mad = float(np.median(np.abs(rel[keep] - np.median(rel[keep])))) * 1.4826
+        bad = np.abs(rel) > max(3.0 * mad, 0.25)
+        if (keep == ~bad).all():
+            break
+        keep = ~bad
+        if keep.sum() < x.shape[1]:
+            return ms
+    return np.where(keep, y, fit).reshape(ms.shape)
 
 
 # ------------------------------------------------------------------------------------------
@@ -596,7 +681,8 @@ def build(model, analysis, settings: LatencySettings | None = None) -> LatencyMo
             idx = tuple(int(np.searchsorted(a, x)) for a, x in zip(axes, key))
             ms[idx] = points_ms[p.sig]
         t = NodeTable(model.node_name(proto), [rep for rep, _ in classes],
-                      [int(cm.length[rep]) for rep, _ in classes], axes, ms, diagonal)
+                      [int(cm.length[rep]) for rep, _ in classes], axes,
+                      _smooth(axes, ms), diagonal)
         t.monotone()
         tables.append(t)
 
@@ -777,7 +863,12 @@ def prune_to_latency(model, analysis, target, make_plan, settings: LatencySettin
     rounds, best = [], None
     aim = asked
     for i in range(settings.rounds):
-        plan = make_plan(Target(METRIC, aim))
+        try:
+            plan = make_plan(Target(METRIC, aim))
+        except UsageError:
+            if not rounds:              # the asked fraction itself cannot be met
+                raise
+            break                       # a corrected aim the constraints cannot reach
         proto = apply_plan(model, analysis, plan)
         pruned = Runner(make_session(proto, settings.provider, settings.threads), feeds,
                         settings.provider)
@@ -812,6 +903,10 @@ def prune_to_latency(model, analysis, target, make_plan, settings: LatencySettin
             break
         aim = nxt
     miss, measured, plan, proto, row = best
+    # the plan states what was asked and what was measured (the selection's own target was
+    # the corrected aim of its round, kept in `rounds`)
+    plan.options["target"] = target.to_json()
+    plan.options["achieved"] = row["measured"]
     plan.options["latency"] = {
         "asked": asked, "measured": row["measured"], "predicted": row["predicted"],
         "miss": round(measured / asked - 1.0, 6), "within_tolerance": miss <= TOLERANCE,

@@ -201,7 +201,7 @@ def test_uniform_for_target(zoo):
 
 # -- usage ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", ["flops", "flops:", "flops:x", "latency:0.5", "flops:0",
+@pytest.mark.parametrize("bad", ["flops", "flops:", "flops:x", "watts:0.5", "flops:0",
                                  "params:1.2", "flops:nan", ":0.5"])
 def test_malformed_target(bad):
     with pytest.raises(spa.UsageError):
