@@ -159,14 +159,32 @@ def load_calibration(spec, model, *, n_synthetic: int = 256, seed: int = 0) -> C
 # streaming intermediate tensors
 
 
-def with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of `proto` whose graph outputs also include `names` (typeless: ORT infers)."""
+def with_outputs(proto: onnx.ModelProto, names: list[str], *,
+                 only: bool = False) -> onnx.ModelProto:
+    """A copy of `proto` whose graph outputs also include `names` (typeless: ORT infers).
+    `only`: the graph outputs are exactly `names`, and the nodes nothing of them needs are
+    left out (ONNX Runtime runs every node of a graph; this runs only the prefix needed)."""
     out = onnx.ModelProto()
     out.CopyFrom(proto)
-    have = {o.name for o in out.graph.output}
+    g = out.graph
+    if only and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                        for n in g.node for a in n.attribute):
+        producer = {o: k for k, n in enumerate(g.node) for o in n.output if o}
+        need, todo = set(), list(names)
+        while todo:
+            k = producer.get(todo.pop())
+            if k is None or k in need:
+                continue
+            need.add(k)
+            todo.extend(i for i in g.node[k].input if i)
+        nodes = [n for k, n in enumerate(g.node) if k in need]
+        del g.node[:]
+        g.node.extend(nodes)
+        del g.output[:]
+    have = {o.name for o in g.output}
     for n in names:
         if n not in have:
-            out.graph.output.append(onnx.ValueInfoProto(name=n))
+            g.output.append(onnx.ValueInfoProto(name=n))
             have.add(n)
     return out
 
@@ -187,16 +205,8 @@ def _sample_bytes(model, name: str, feeds: dict) -> int:
     return 4 * n
 
 
-def stream(model, names: list[str], calib: Calibration, *, batch_size: int = 64,
-           max_bytes: int = DEFAULT_MAX_BYTES, threads: int = 0,
-           limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Yield {name: array} for every batch of `calib`: the values of the model's tensors
-    `names` (graph inputs or node outputs). At most about `max_bytes` of requested tensors
-    are alive at once: the batch shrinks, and tensors too big to share a pass get their own.
-    """
-    if calib.arrays is None:
-        raise SpaError("no calibration samples (calibration mode 'none')", file=model.path)
-    names = list(dict.fromkeys(names))
+def _passes(model, names: list[str], calib: Calibration, max_bytes: int):
+    """Split `names` into passes of at most `max_bytes` per sample; per-sample sizes."""
     first = next(calib.batches(1))
     per = {n: _sample_bytes(model, n, first) for n in names}
     passes, cur, used = [], [], 0
@@ -208,22 +218,64 @@ def stream(model, names: list[str], calib: Calibration, *, batch_size: int = 64,
         used += per[n]
     if cur:
         passes.append(cur)
+    return passes, per
+
+
+def stream(model, names: list[str], calib: Calibration, *, batch_size: int = 64,
+           max_bytes: int = DEFAULT_MAX_BYTES, threads: int = 0,
+           limit: int | None = None, also: onnx.ModelProto | None = None) -> Iterator:
+    """Yield {name: array} for every batch of `calib`: the values of the model's tensors
+    `names` (graph inputs or node outputs). At most about `max_bytes` of requested tensors
+    are alive at once: the batch shrinks, and tensors too big to share a pass get their own.
+    With `also` (a model with the same inputs and tensor names, e.g. a pruned copy): yield
+    pairs (values in the model, values in `also`) of the same batch."""
+    if calib.arrays is None:
+        raise SpaError("no calibration samples (calibration mode 'none')", file=model.path)
+    names = list(dict.fromkeys(names))
+    passes, per = _passes(model, names, calib, max_bytes // (2 if also is not None else 1))
     inputs = set(model.input_names)
     for group in passes:
         need = [n for n in group if n not in inputs]
-        sess = session_for(with_outputs(model.proto, need), threads=threads) if need else None
-        size = sum(per[n] for n in group)
+        protos = [model.proto] + ([also] if also is not None else [])
+        sessions = [session_for(with_outputs(p, need, only=True), threads=threads)
+                    if need else None for p in protos]
+        size = sum(per[n] for n in group) * len(protos)
         bs = int(max(1, min(batch_size, max_bytes // max(size, 1))))
         for feeds in calib.batches(bs, limit):
-            out = {n: feeds[n] for n in group if n in inputs}
-            if need:
-                try:
-                    vals = sess.run(need, feeds)
-                except Exception as exc:  # ORT errors are plain RuntimeErrors
-                    raise SpaError(f"ONNX Runtime failed on the calibration inputs "
-                                   f"({type(exc).__name__}: {exc})", file=model.path)
-                out.update(zip(need, vals))
-            yield out
+            outs = []
+            for sess in sessions:
+                out = {n: feeds[n] for n in group if n in inputs}
+                if need:
+                    try:
+                        vals = sess.run(need, feeds)
+                    except Exception as exc:  # ORT errors are plain RuntimeErrors
+                        raise SpaError(f"ONNX Runtime failed on the calibration inputs "
+                                       f"({type(exc).__name__}: {exc})", file=model.path)
+                    out.update(zip(need, vals))
+                outs.append(out)
+            yield outs[0] if also is None else (outs[0], outs[1])
+
+
+def runner(proto: onnx.ModelProto, names: list[str], *, threads: int = 0, path=None):
+    """feeds -> {name: value} for the tensors `names` of `proto` (only the nodes they need
+    run)."""
+    sess = session_for(with_outputs(proto, names, only=True), threads=threads)
+
+    def run(feeds: dict) -> dict:
+        try:
+            return dict(zip(names, sess.run(names, feeds)))
+        except Exception as exc:  # ORT errors are plain RuntimeErrors
+            raise SpaError(f"ONNX Runtime failed on the calibration inputs "
+                           f"({type(exc).__name__}: {exc})", file=path)
+    return run
+
+
+def batch_size_for(model, names: list[str], calib: Calibration, *, batch_size: int = 64,
+                   max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[int, int]:
+    """(batch size keeping `names` under `max_bytes` per batch, bytes per sample)."""
+    first = next(calib.batches(1))
+    per = sum(_sample_bytes(model, n, first) for n in names)
+    return int(max(1, min(batch_size, max_bytes // max(per, 1)))), per
 
 
 def run_outputs(proto: onnx.ModelProto, names: list[str], calib: Calibration, *,

@@ -52,6 +52,8 @@ MAX_FULL = 1152
 ROWS_PER_FEATURE = 64
 MIN_ROWS = 16384
 CHUNK = 8192
+#: sequential reconstruction keeps the original model's layer inputs in memory up to this
+CACHE_BYTES = 1 << 30
 
 
 # ------------------------------------------------------------------------------------------
@@ -583,6 +585,156 @@ def greedy_scores(analysis, consumers, hessians, *, damp: float = DAMP,
 
 
 # ------------------------------------------------------------------------------------------
+# sequential reconstruction: fit every affected layer on the pruned model's own inputs
+
+
+def _rounds(model, consumers: list[Consumer], affected: list[int]) -> list[list[int]]:
+    """Consumers (indices into `consumers`) by round: a consumer's input depends only on
+    consumers of earlier rounds (the longest chain of affected consumers above it)."""
+    at_node: dict[str, list[int]] = {}
+    for k in affected:
+        at_node.setdefault(consumers[k].node, []).append(k)
+    depth: dict[str, int] = {}
+    for node in model.nodes:
+        d = max([depth.get(t, 0) for t in node.input if t] + [0])
+        if model.node_name(node) in at_node:
+            for k in at_node[model.node_name(node)]:
+                consumers[k].__dict__["_round"] = depth.get(consumers[k].x, 0)
+            d += 1
+        for o in node.output:
+            if o:
+                depth[o] = d
+    rounds: dict[int, list[int]] = {}
+    for k in affected:
+        rounds.setdefault(consumers[k].__dict__.pop("_round", 0), []).append(k)
+    return [rounds[r] for r in sorted(rounds)]
+
+
+def _affected(model, analysis, plan, consumers: list[Consumer]) -> list[int]:
+    """Consumers that lose inputs, or whose input may differ in the pruned model (some node
+    above it reads a pruned tensor)."""
+    kept = plan.kept_indices(analysis)
+    pruned_tensors = {t for t, _ in kept if t not in model.consts}
+    changed: set[str] = set()
+    for node in model.nodes:
+        if any(t in changed or t in pruned_tensors for t in node.input if t):
+            changed.update(o for o in node.output if o)
+    out = []
+    for k, c in enumerate(consumers):
+        if c.shared:
+            continue
+        if (c.weight, c.in_axis) in kept or c.x in changed:
+            out.append(k)
+    return out
+
+
+def sequential_updates(ob: "Obspa", plan, start: Updates | None = None, *,
+                       samples: int | None = None):
+    """Refit, round by round in graph order, every affected layer so that on the pruned
+    model's inputs x̃ (kept slices, earlier layers already refitted) it reproduces the
+    original layer's output on the original inputs x: W = M E[x x̃ᵀ] E[x̃ x̃ᵀ]⁻¹ (plus the
+    bias). The errors of earlier layers are then corrected instead of compounded."""
+    from ..rewrite.apply import apply_plan
+    from ..rewrite.reconstruct import Writer, cross_update
+    model, analysis, calib = ob.model, ob.analysis, ob.calib
+    kept = plan.kept_indices(analysis)
+    consumers = ob.consumers
+    writer = Writer(model, start)
+    layers: dict[int, dict] = {}
+    rng = np.random.default_rng(1)
+    n_total = min(calib.n_samples, samples or calib.n_samples)
+    rounds = _rounds(model, consumers, _affected(model, analysis, plan, consumers))
+    from ..activations import DEFAULT_MAX_BYTES, batch_size_for, runner
+    every = sorted({consumers[k].x for rnd in rounds for k in rnd})
+    bs, per = batch_size_for(model, every, calib, max_bytes=DEFAULT_MAX_BYTES)
+    cache = None
+    if per * n_total <= CACHE_BYTES:  # the original inputs of every round, computed once
+        run = runner(model.proto, every, path=model.path)
+        cache = [run(feeds) for feeds in calib.batches(bs, n_total)]
+    for rnd in rounds:
+        current = apply_plan(model, analysis, plan, writer.updates())
+        acc: dict[int, list] = {}
+        names = sorted({consumers[k].x for k in rnd})
+        run_now = runner(current, names, path=model.path)
+        run_orig = None if cache else runner(model.proto, names, path=model.path)
+        for bi, feeds in enumerate(calib.batches(bs, n_total)):
+            now = run_now(feeds)
+            orig = cache[bi] if cache else run_orig(feeds)
+            for k in rnd:
+                c = consumers[k]
+                x, xt = np.asarray(orig[c.x]), np.asarray(now[c.x])
+                keep_in = kept.get((c.weight, c.in_axis), np.arange(c.n_in))
+                ct = Consumer(**{**c.__dict__, "n_in": len(keep_in)})
+                ax = {"conv": 1, "convT": 1}.get(c.kind, x.ndim - (2 if c.kind ==
+                                                                   "dense_left" else 1))
+                if c.kind == "dense" and c.trans_x:
+                    ax = 0
+                groups = c.part[1] if c.part else 1
+                if xt.shape[ax] != len(keep_in) * groups or x.dtype.kind != "f":
+                    continue  # the pruned input is not simply the kept slices: skip
+                n = c.n_rows(x.shape)
+                if k not in acc:
+                    cap = max(MIN_ROWS, ROWS_PER_FEATURE * c.d)
+                    per_sample = n / max(x.shape[0], 1)
+                    p = min(1.0, cap / max(per_sample * n_total, 1.0))
+                    kt = ct.d + (1 if c.intercept else 0)
+                    acc[k] = [p, np.zeros((kt, kt)), np.zeros((c.d + 1, kt)), 0]
+                p = acc[k][0]
+                pick = None if p >= 1.0 else np.nonzero(rng.random(n) < p)[0]
+                if pick is not None and not len(pick):
+                    continue
+                _, Ht, C, _ = acc[k]
+                dt = ct.d
+                for r, rt in zip(_row_chunks(c, x, pick), _row_chunks(ct, xt, pick)):
+                    rt64 = rt.astype(np.float64)
+                    Ht[:dt, :dt] += rt.T @ rt
+                    C[:c.d, :dt] += r.T @ rt
+                    C[c.d, :dt] += rt64.sum(axis=0)
+                    if c.intercept:
+                        Ht[:dt, dt] += rt64.sum(axis=0)
+                        C[:c.d, dt] += r.astype(np.float64).sum(axis=0)
+                        C[c.d, dt] += len(r)
+                    acc[k][3] += len(r)
+        for k, (_, Ht, C, rows) in acc.items():
+            if rows == 0:
+                continue
+            c = consumers[k]
+            keep_in = kept.get((c.weight, c.in_axis), np.arange(c.n_in))
+            dt = Ht.shape[0] - (1 if c.intercept else 0)
+            if c.intercept:
+                Ht[dt, :dt] = Ht[:dt, dt]
+                Ht[dt, dt] = rows
+            Ht /= rows
+            C /= rows
+            use = c.d + 1 if c.intercept else c.d
+            M = np.zeros((c.matrix(model.consts[c.weight]).shape[0], use))
+            M[:, :c.d] = c.matrix(model.consts[c.weight])
+            Cu = C[:use]
+            Wt = cross_update(M, Cu, Ht, ob.damp, dt)
+            cols = c.h_index(keep_in)
+            H = ob.hessians[k][:use, :use]
+            energy = max(float(np.einsum("ij,ij->", M @ H, M)), 1e-30)
+
+            def err(W):
+                return (energy - 2 * float(np.einsum("ij,ij->", M @ Cu, W)) +
+                        float(np.einsum("ij,ij->", W @ Ht, W)))
+            Ws = M[:, list(cols) + ([c.d] if c.intercept else [])]
+            e_fit, e_slice = err(Wt), err(Ws)
+            if e_fit > e_slice:
+                Wt, e_fit = Ws, e_slice
+            Mn = np.zeros_like(M)
+            Mn[:, cols] = Wt[:, :dt]
+            if c.intercept:
+                Mn[:, c.d] = Wt[:, dt]
+            bias = writer.write(c, Mn)
+            layers[k] = {"node": c.node, "rows": int(rows),
+                         "fit_rel_error": float(np.sqrt(max(e_fit, 0.0) / energy)),
+                         "sliced_rel_error": float(np.sqrt(max(e_slice, 0.0) / energy)),
+                         "bias": bias}
+    return writer, [layers[k] for k in sorted(layers)]
+
+
+# ------------------------------------------------------------------------------------------
 # the criterion
 
 
@@ -591,8 +743,10 @@ class Obspa:
 
     def __init__(self, model, analysis, calib: Calibration, *, damp: float = DAMP,
                  max_full: int = MAX_FULL, seed: int = 0, batch_size: int = 64,
-                 threads: int = 0, rows_per_feature: int = ROWS_PER_FEATURE):
+                 threads: int = 0, rows_per_feature: int = ROWS_PER_FEATURE,
+                 sequential: bool = True, sequential_samples: int | None = None):
         self.model, self.analysis, self.calib, self.damp = model, analysis, calib, damp
+        self.sequential, self.sequential_samples = sequential, sequential_samples
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
         self.consumers = find_consumers(analysis, max_full)
@@ -622,9 +776,15 @@ class Obspa:
         return scores
 
     def reconstruct(self, plan) -> Updates:
+        """The weight update: with calibration data, sequential (each affected layer fitted
+        on the pruned model's inputs); without, each layer on its own surrogate Hessian."""
         t0 = time.perf_counter()
         upd = reconstruct(self.model, self.analysis, plan, self.consumers, self.hessians,
                           damp=self.damp)
+        if self.sequential and self.calib.arrays is not None:
+            writer, fits = sequential_updates(self, plan, upd, samples=self.sequential_samples)
+            upd = writer.updates(upd.layers)
+            self.info["sequential_layers"] = len(fits)
         self.timings["reconstruct_s"] = time.perf_counter() - t0
         return upd
 

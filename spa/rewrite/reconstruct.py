@@ -286,14 +286,69 @@ def quad_error(D: np.ndarray, H: np.ndarray) -> float:
     return float(np.einsum("ij,ij->", D @ H, D))
 
 
+def cross_update(M: np.ndarray, C: np.ndarray, Ht: np.ndarray, damp: float = DAMP,
+                 n_inputs: int | None = None) -> np.ndarray:
+    """Least squares from other inputs: the matrix W minimising E‖M x − W x̃‖² given the
+    cross moment C = E[x x̃ᵀ] (D × k) and the moment Ht = E[x̃ x̃ᵀ] (k × k, damped):
+    W = M C Ht⁻¹. With x̃ = x restricted to the kept entries this is `ls_update`."""
+    return solve_psd(damped(Ht, damp, n_inputs), (M @ C).T).T
+
+
+class Writer:
+    """Collects new consumer matrices into new constant values and bias inputs. Writing a
+    consumer again replaces what was written for it before (weights and its bias slice
+    are set from the original values, not accumulated)."""
+
+    def __init__(self, model, start: Updates | None = None):
+        self.model = model
+        self.work: dict[str, np.ndarray] = {}
+        self.new_inputs: dict[tuple, np.ndarray] = {}
+        self.dims: dict[tuple, tuple] = {}
+        self.dtypes: dict[tuple, np.dtype] = {}
+        if start is not None:
+            self.work = {n: np.array(a, np.float64) for n, a in start.consts.items()}
+            self.new_inputs = {k: np.array(a, np.float64) for k, a in start.new_inputs.items()}
+            self.dims = dict(start.new_input_dims)
+            self.dtypes = {k: a.dtype for k, a in start.new_inputs.items()}
+
+    def write(self, c: Consumer, Mn: np.ndarray) -> str | None:
+        """Mn: the consumer's new matrix over all d inputs (zeros where removed), plus the
+        constant-1 column when `c.intercept`: its bias change. Returns the bias action."""
+        model = self.model
+        Wn = self.work.setdefault(c.weight, np.array(model.consts[c.weight], np.float64))
+        c.write_matrix(Wn, Mn[:, :c.d])
+        if not c.intercept:
+            return None
+        delta = c.bias_delta(Mn[:, c.d]) * c.bias_scale
+        g, groups = c.part if c.part is not None else (0, 1)
+        rows = slice(g * c.n_out, (g + 1) * c.n_out)
+        if c.bias is not None:
+            orig = np.asarray(model.consts[c.bias], np.float64).reshape(-1)
+            b = self.work.setdefault(c.bias, orig.reshape(model.consts[c.bias].shape).copy())
+            b.reshape(-1)[rows] = orig[rows] + delta.reshape(-1)
+            return "compensated"
+        key = (c.node, c.bias_add)
+        b = self.new_inputs.setdefault(key, np.zeros(c.n_out * groups))
+        b[rows] = delta.reshape(-1)
+        self.dtypes[key] = model.consts[c.weight].dtype
+        self.dims[key] = (c.weight, c.out_axis)
+        return "added"
+
+    def updates(self, layers: list[dict] | None = None) -> Updates:
+        consts = self.model.consts
+        return Updates({n: a.astype(consts[n].dtype) for n, a in self.work.items()},
+                       {k: a.astype(self.dtypes[k]) for k, a in self.new_inputs.items()},
+                       dict(self.dims), list(layers or []))
+
+
 def reconstruct(model, analysis, plan, consumers: list[Consumer],
                 hessians: list[np.ndarray], *, damp: float = DAMP) -> Updates:
-    """Least-squares updates of every consumer that loses input slices under `plan`.
-    `hessians[k]` belongs to `consumers[k]`: (d+1)² with the constant-1 entry last."""
+    """Least-squares updates of every consumer that loses input slices under `plan`, each
+    on its own original inputs. `hessians[k]` belongs to `consumers[k]`: (d+1)² with the
+    constant-1 entry last."""
     removed = analysis.removed_table(plan.removed(analysis))
-    upd = Updates()
-    work: dict[str, np.ndarray] = {}
-    dtypes: dict[tuple, np.dtype] = {}
+    writer = Writer(model)
+    layers = []
     for c, H in zip(consumers, hessians):
         mask = analysis.removed_mask((c.weight, c.in_axis), removed)
         if mask is None or not mask.any():
@@ -318,7 +373,7 @@ def reconstruct(model, analysis, plan, consumers: list[Consumer],
             entry["updated"] = False
             entry["why"] = "weight shared with other nodes"
             entry["predicted_rel_error"] = entry["predicted_rel_error_sliced"]
-            upd.layers.append(entry)
+            layers.append(entry)
             continue
         Mn = ls_update(M, Hc, keep, damp, c.d)
         err = quad_error(Mn - M, Hc)
@@ -326,29 +381,8 @@ def reconstruct(model, analysis, plan, consumers: list[Consumer],
             Mn, err = sliced, err_slice
         entry.update({"updated": True, "predicted_rel_error":
                       float(np.sqrt(err / energy)) if energy > 0 else 0.0})
-        Wn = work.setdefault(c.weight, np.array(W, np.float64))
-        c.write_matrix(Wn, Mn[:, :c.d])
-        if c.intercept:
-            delta = c.bias_delta(Mn[:, c.d]) * c.bias_scale
-            if c.part is not None:
-                g, _ = c.part
-                full = np.zeros(c.n_out * c.part[1])
-                full[g * c.n_out:(g + 1) * c.n_out] = delta
-                delta = full
-            if c.bias is not None:
-                b = work.setdefault(c.bias, np.array(model.consts[c.bias], np.float64))
-                b.reshape(-1)[...] += delta.reshape(-1)
-                entry["bias"] = "compensated"
-            else:
-                key = (c.node, c.bias_add)
-                prev = upd.new_inputs.get(key)
-                upd.new_inputs[key] = delta if prev is None else prev + delta
-                dtypes[key] = model.consts[c.weight].dtype
-                upd.new_input_dims[key] = (c.weight, c.out_axis)
-                entry["bias"] = "added"
-        upd.layers.append(entry)
-    for name, arr in work.items():
-        upd.consts[name] = arr.astype(model.consts[name].dtype)
-    for key, arr in list(upd.new_inputs.items()):
-        upd.new_inputs[key] = arr.astype(dtypes[key])
-    return upd
+        bias = writer.write(c, Mn)
+        if bias:
+            entry["bias"] = bias
+        layers.append(entry)
+    return writer.updates(layers)
