@@ -24,10 +24,9 @@ from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
 from .errors import SpaError, UsageError
-from .runtime import _NP, index_bound, session_for
+from .runtime import _NP, session_for
 
 MODES = ("file", "synthetic", "none")
 DEFAULT_MAX_BYTES = 256 << 20
@@ -42,6 +41,9 @@ class Calibration:
     labels: np.ndarray | None = None
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    #: the graph to collect activations from, when not the model itself (synthetic inputs:
+    #: the model with batch-statistics BatchNorms, see `batch_statistics_model`)
+    network: onnx.ModelProto | None = None
 
     @property
     def n_samples(self) -> int:
@@ -236,7 +238,7 @@ def stream(model, names: list[str], calib: Calibration, *, batch_size: int = 64,
     inputs = set(model.input_names)
     for group in passes:
         need = [n for n in group if n not in inputs]
-        protos = [model.proto] + ([also] if also is not None else [])
+        protos = [calib.network or model.proto] + ([also] if also is not None else [])
         sessions = [session_for(with_outputs(p, need, only=True), threads=threads)
                     if need else None for p in protos]
         size = sum(per[n] for n in group) * len(protos)
@@ -312,7 +314,62 @@ def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
     return out / (out.std() + 1e-12)
 
 
-def synthesize(model, *, n: int = 256, seed: int = 0) -> Calibration:
+def batch_statistics_model(model) -> onnx.ModelProto | None:
+    """A copy of the model in which every (inference) BatchNormalization normalises with
+    the statistics of the batch it sees instead of its running statistics, as in training.
+    On synthetic inputs every BN output then has the per-channel mean β and variance γ² it
+    has on real data, while the correlations between channels still come from the model's
+    weights. Tensor names are kept. None if the model has no such BatchNormalization."""
+    from onnx import helper, numpy_helper
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    g = proto.graph
+    opset = model.opset
+    nodes, changed = [], False
+    for k, node in enumerate(g.node):
+        r = model.rank(node.input[0]) if node.input else None
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or \
+                len([o for o in node.output if o]) != 1 or r is None or r < 2 or \
+                not all(t in model.consts for t in node.input[1:3]):
+            nodes.append(node)
+            continue
+        changed = True
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        c = model.consts[node.input[1]].shape[0]
+        shape = [1, c] + [1] * (r - 2)
+        axes = [0] + list(range(2, r))
+        p = f"{node.output[0]}__spa_bs{k}"
+        x = node.input[0]
+        scale = model.consts[node.input[1]].astype(np.float32).reshape(shape)
+        bias = model.consts[node.input[2]].astype(np.float32).reshape(shape)
+        g.initializer.extend([numpy_helper.from_array(scale, p + "_scale"),
+                              numpy_helper.from_array(bias, p + "_bias"),
+                              numpy_helper.from_array(np.float32(eps), p + "_eps")])
+
+        def mean(i, o):
+            if opset >= 18:
+                g.initializer.append(numpy_helper.from_array(np.array(axes, np.int64),
+                                                             o + "_axes"))
+                return helper.make_node("ReduceMean", [i, o + "_axes"], [o], keepdims=1)
+            return helper.make_node("ReduceMean", [i], [o], axes=axes, keepdims=1)
+        nodes += [mean(x, p + "_m"),
+                  helper.make_node("Sub", [x, p + "_m"], [p + "_c"]),
+                  helper.make_node("Mul", [p + "_c", p + "_c"], [p + "_c2"]),
+                  mean(p + "_c2", p + "_v"),
+                  helper.make_node("Add", [p + "_v", p + "_eps"], [p + "_ve"]),
+                  helper.make_node("Sqrt", [p + "_ve"], [p + "_s"]),
+                  helper.make_node("Div", [p + "_c", p + "_s"], [p + "_n"]),
+                  helper.make_node("Mul", [p + "_n", p + "_scale"], [p + "_y"]),
+                  helper.make_node("Add", [p + "_y", p + "_bias"], [node.output[0]])]
+    if not changed:
+        return None
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    return proto
+
+
+def synthesize(model, *, n: int = 256, seed: int = 0, batch_stats: bool = True) -> Calibration:
     """Inputs made up from the model: Gaussian noise, spatially smoothed, with one mean and
     one scale per float input, fitted so that the model's first BatchNormalization sees
     the channel means and variances it stored during training (its running statistics).
@@ -375,5 +432,9 @@ def synthesize(model, *, n: int = 256, seed: int = 0) -> Calibration:
     notes.append(f"Gaussian inputs, smoothing sigma {sigma:g} px, mean {m:.4g}, scale "
                  f"{s:.4g}, fitted to the running statistics of BatchNormalization "
                  f"{model.node_name(bn)!r} (KL {kl:.3g} per channel)")
+    network = batch_statistics_model(model) if batch_stats else None
+    if network is not None:
+        notes.append("activations collected with every BatchNormalization normalising by "
+                     "the synthetic batch's statistics (its outputs get the stored moments)")
     return Calibration("synthetic", arrays, source="synthetic (BatchNorm-matched noise)",
-                       notes=notes)
+                       notes=notes, network=network)

@@ -98,7 +98,7 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
         raise UsageError("--calib applies to --criterion obspa only")
     if criterion == "obspa":
         normalize = "none" if normalize is None else normalize  # its scores compare already
-        select = ("global" if target is not None else "uniform") if select is None else select
+        select = ("knapsack" if target is not None else "uniform") if select is None else select
     normalize = "mean" if normalize is None else normalize
     select = "uniform" if select is None else select
     analysis = analyze(model, progress=progress)

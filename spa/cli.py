@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--select", default=None, choices=["uniform", "global", "knapsack"],
                    help="with --target: one ratio for all groups (bisection), one global "
                         "ranking, or the knapsack (MILP) that keeps the most importance "
-                        "(default uniform; global for --criterion obspa)")
+                        "(default uniform; knapsack for --criterion obspa)")
     q.add_argument("--normalize", default=None,
                    choices=["mean", "max", "sum", "none", "standardization", "lamp"],
                    help="per-group score normalisation for --select global/knapsack "
