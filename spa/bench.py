@@ -132,7 +132,9 @@ def time_interleaved(runners, *, repeat: int, warmup: int | None = None) -> np.n
 
 def summarize(times: np.ndarray) -> list[dict]:
     """Per runner: median, p10, p90, relative spread ((p90 - p10) / median), and the
-    speed-up over runner 0: the ratio of medians, and p10/p90 of the per-round ratios."""
+    speed-up over runner 0: the ratio of medians, and p10/p90 of the per-round ratios;
+    `fraction`: the median of the per-round latency ratios (runner / runner 0), which a
+    burst of load on one run of a round cannot move."""
     ms = times * 1e3
     base = float(np.median(ms[:, 0]))
     rows = []
@@ -147,6 +149,7 @@ def summarize(times: np.ndarray) -> list[dict]:
                      "speedup": base / med,
                      "speedup_p10": float(np.percentile(paired, 10)),
                      "speedup_p90": float(np.percentile(paired, 90)),
+                     "fraction": float(np.median(col / ms[:, 0])),
                      "runs": int(len(col))})
     return rows
 

@@ -2,42 +2,45 @@
 a latency model over plans, and pruning to a measured latency fraction.
 
 FLOPs do not say how long a model runs: a narrow convolution uses the vector units worse
-than a wide one, a small matrix product is dominated by its fixed costs, and the ops around
-the heavy ones (normalisations, activations, additions, pooling) cost memory traffic, not
-multiply-accumulates. So latency is *measured*, where the model will run:
+than a wide one (on CPUs, a channel count that is not a multiple of the vector width drops
+ONNX Runtime's blocked NCHWc kernels altogether), a small matrix product is dominated by
+fixed costs, and the ops around the heavy ones cost memory traffic, not multiply-adds. So
+latency is *measured*, where the model will run:
 
 1. Every node with a cost formula (the rules' `macs`: Conv, ConvTranspose, Gemm, MatMul) is
    cut out as a one-node model and timed with ONNX Runtime on the target provider, batch
    size and thread count, at several kept widths. Its variable dims (spa.cost) fall into
    *classes* -- dims that lose the same channels (a conv's input channels in X and W, its
    output channels in W, B and Y; a depthwise conv has one class) -- and every class is
-   narrowed to each of the fractions in GRID, on a full grid when a node has one or two
-   classes (5 or 25 points), along the diagonal when it has more. The shapes of each point
-   come from the cost model itself (the channels of the class are removed), so they are
-   consistent across inputs, weights and outputs; attributes that depend on widths (a
-   depthwise conv's `group`) are fixed by the rule's own `shrink` hook. Identical points of
-   different nodes (the repeated blocks of a ResNet or a BERT) are measured once, the
-   points of one node interleaved, and the run overhead of an empty session subtracted.
-2. A node's latency under a plan is the multilinear interpolation of its table at the
-   plan's kept fractions (the tables are made monotone first, so that removing channels
-   never predicts a slower model).
-3. Everything else -- the cheap ops, fusions, the session's own overhead -- is the *rest*:
-   the dense model is timed as a whole and the rest is what the heavy nodes do not explain.
-   It is scaled by the plan's activation memory (spa.cost `memory`), because the cheap ops
-   are memory-bound. (If the isolated heavy nodes take longer than the whole model, which
-   happens when ONNX Runtime fuses what they measure apart, their sum is scaled down to the
-   measured total instead.) So the model predicts the dense latency exactly.
+   narrowed to each fraction of GRID (rounded to multiples of `align`, the selection's
+   `round_to`), on a full grid when a node has one or two classes (5 or 25 points), along
+   the diagonal when it has more. The shapes of each point come from the cost model itself
+   (the channels of the class are removed), so inputs, weights and outputs agree;
+   attributes that depend on widths (a depthwise conv's `group`) are fixed by the rule's
+   own `shrink` hook. Identical points of different nodes (the repeated blocks of a ResNet
+   or a BERT) are measured once; the points of one node are interleaved. On CPU the time is
+   the kernels' own, from ONNX Runtime's profile, without the layout conversions a one-node
+   model needs and a whole model does not; on CUDA it is wall-clock with I/O binding.
+2. A point far off a smooth fit of its node (a + b f_in + c f_out + d f_in f_out) is
+   replaced by the fit (a busy moment of a shared machine), the table made monotone, and a
+   node's latency under a plan is the multilinear interpolation of its table at the plan's
+   kept fractions.
+3. The whole model is timed unpruned and at three uniform widths, interleaved, and
+   latency = scale x (sum of the node tables) + const + rest x (activation memory fraction)
+   is fitted: exact at the unpruned model, non-negative least squares on the others. The
+   rest covers the cheap ops (memory-bound, so they shrink with activation memory) and the
+   const what never shrinks (session overhead, graph inputs).
 
 `attach()` puts the model on an analysis as the cost metric `latency` (nanoseconds), so that
 every selection (uniform, global, knapsack) handles `--target latency:F` exactly as it
 handles flops. `prune_to_latency()` then closes the loop: it *measures* the pruned model
-against the original (interleaved, medians), and when the measured fraction misses the
-asked one by more than 5 % it asks the selection again with a corrected fraction (at most
-`rounds` plans), keeping the plan that lands closest.
+against the original (interleaved; the median of the per-round latency ratios), and when
+the measured fraction misses the asked one by more than 5 % it asks the selection again
+with a corrected fraction (at most `rounds` plans), keeping the plan that landed closest.
 
-Tables are cached per (model sha256, provider, batch, threads, onnxruntime version) in
-$SPA_CACHE_DIR/latency (default ~/.cache/spa/latency); the dense latency is cached with
-them. `refresh=True` measures again.
+Tables and calibration are cached per (model sha256, provider, batch, threads, onnxruntime
+version) in $SPA_CACHE_DIR/latency (default ~/.cache/spa/latency); `refresh=True`
+measures again.
 """
 from __future__ import annotations
 
@@ -848,9 +851,10 @@ def prune_to_latency(model, analysis, target, make_plan, settings: LatencySettin
     """Plan for a latency fraction, measure, correct: returns (plan, pruned proto).
 
     `make_plan(target)` selects for a latency target (the model must be attached). Each
-    round applies the plan and times pruned and original interleaved (medians); when the
-    measured fraction is within TOLERANCE (relative) of the asked one the loop ends,
-    otherwise the next round asks the selection for a fraction corrected by the miss
+    round applies the plan and times pruned and original interleaved (the median of the
+    per-round ratios); when the measured fraction is within TOLERANCE (relative) of the
+    asked one the loop ends, otherwise the next round asks the selection for a fraction
+    corrected by the miss
     (secant through the last two rounds, proportional after the first). The plan that
     landed closest is kept; its options["latency"] records every round."""
     from .rewrite.apply import apply_plan
@@ -872,10 +876,10 @@ def prune_to_latency(model, analysis, target, make_plan, settings: LatencySettin
         proto = apply_plan(model, analysis, plan)
         pruned = Runner(make_session(proto, settings.provider, settings.threads), feeds,
                         settings.provider)
-        repeat = settings.repeat or int(min(30, max(5, math.ceil(
-            4.0 / max(lm.dense_ms * 1e-3 * (1 + asked), 1e-6)))))
+        repeat = settings.repeat or int(min(40, max(7, math.ceil(
+            6.0 / max(lm.dense_ms * 1e-3 * (1 + asked), 1e-6)))))
         st = summarize(time_interleaved([orig, pruned], repeat=repeat))
-        measured = st[1]["median_ms"] / st[0]["median_ms"]
+        measured = st[1]["fraction"]          # median of the per-round ratios
         row = {"aim": round(aim, 6), "predicted": plan.options.get("achieved"),
                "measured": round(measured, 6),
                "original_ms": round(st[0]["median_ms"], 4),
