@@ -606,7 +606,7 @@ def build(model, analysis, settings: LatencySettings | None = None) -> LatencyMo
     concrete = _concrete_shapes(model, feeds, names)
 
     # the points of every heavy node
-    plans = []   # (proto, classes, axes fractions, [(_Point, grid index)])
+    plans = []   # (proto, classes, diagonal, [(_Point, kept fraction per class)])
     for proto in heavy:
         node_info = var_nodes.get(id(proto))
         full = {t: concrete[t] for t in list(proto.input) + list(proto.output) if t}
@@ -672,17 +672,20 @@ def build(model, analysis, settings: LatencySettings | None = None) -> LatencyMo
         if not classes:
             fixed += points_ms[pts[0][0].sig]
             continue
-        k = 1 if diagonal else len(classes)
+        if not diagonal:   # a rectilinear grid, unless classes share channels
+            axes_vals = [sorted({fr[j] for _, fr in pts}) for j in range(len(classes))]
+            diagonal = int(np.prod([len(a) for a in axes_vals])) != len({fr for _, fr in pts})
         if diagonal:
             axes_vals = [sorted({float(np.mean(fr)) for _, fr in pts})]
-        else:
-            axes_vals = [sorted({fr[j] for _, fr in pts}) for j in range(k)]
         axes = [np.asarray(a) for a in axes_vals]
         ms = np.zeros(tuple(len(a) for a in axes))
+        n = np.zeros(ms.shape)
         for p, fr in pts:
             key = [float(np.mean(fr))] if diagonal else list(fr)
             idx = tuple(int(np.searchsorted(a, x)) for a, x in zip(axes, key))
-            ms[idx] = points_ms[p.sig]
+            ms[idx] += points_ms[p.sig]
+            n[idx] += 1
+        ms /= np.maximum(n, 1)
         t = NodeTable(model.node_name(proto), [rep for rep, _ in classes],
                       [int(cm.length[rep]) for rep, _ in classes], axes,
                       _smooth(axes, ms), diagonal)
