@@ -99,7 +99,7 @@ def _line(r: dict, zoo: bool) -> str:
         f"{100 * r['top1']:.2f} ({100 * (r['top1'] - r['base']):+.2f})"
     err = f"{r['out_err']:.3f}" if "out_err" in r else "–"
     return (f"| {r['model']} | {r['fraction']:.2f} | {r['method']} | {r['achieved']:.4f} | "
-            f"{q} | {err} | {r['time_s']:.1f} |")
+            f"{q} | {err} | {r['time_s']:.2f} |")
 
 
 def main(argv=None) -> int:

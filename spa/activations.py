@@ -272,6 +272,87 @@ def runner(proto: onnx.ModelProto, names: list[str], *, threads: int = 0, path=N
     return run
 
 
+class Frontier:
+    """Runs a graph piece by piece over a fixed sequence of batches, remembering the
+    tensors that the nodes not run yet still read (the frontier), so that each piece
+    starts where the last one stopped instead of at the graph inputs. The weights may
+    change between pieces (`compute` takes the current model each time): a piece always
+    runs with the weights it is given, and what it computed stays valid as long as later
+    changes only touch nodes that have not run yet (sequential reconstruction: a layer is
+    refitted before anything below it runs)."""
+
+    def __init__(self, proto: onnx.ModelProto, batches: list[dict], *, threads: int = 0,
+                 path=None):
+        g = proto.graph
+        self.n_nodes = len(g.node)
+        self.done = np.zeros(self.n_nodes, bool)
+        self.producer = {o: k for k, n in enumerate(g.node) for o in n.output if o}
+        self.readers: dict[str, list[int]] = {}
+        for k, n in enumerate(g.node):
+            for i in n.input:
+                if i:
+                    self.readers.setdefault(i, []).append(k)
+        self.cache = [dict(b) for b in batches]
+        self.threads, self.path = threads, path
+        self.ok = not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                          for n in g.node for a in n.attribute)
+
+    def compute(self, proto: onnx.ModelProto, targets: list[str]) -> list[dict]:
+        """Values of `targets` for every batch, computed with `proto` (same nodes, in the
+        same order, as the graph given at construction; weights may differ)."""
+        from onnx import helper
+        g = proto.graph
+        inits = {t.name for t in g.initializer}
+        have = set(self.cache[0]) if self.cache else set()
+        seg, todo = set(), [t for t in targets if t not in have]
+        while todo:
+            t = todo.pop()
+            k = self.producer.get(t)
+            if k is None or k in seg or t in have:
+                continue
+            if self.done[k]:
+                raise SpaError(f"internal error: tensor {t!r} left the frontier",
+                               file=self.path)
+            seg.add(k)
+            todo.extend(i for i in g.node[k].input if i and i not in inits)
+        order = sorted(seg)
+        made = {o for k in order for o in g.node[k].output if o}
+        ins = sorted({i for k in order for i in g.node[k].input
+                      if i and i not in inits and i not in made})
+        self.done[order] = True
+        keep = [t for t in made if any(not self.done[r] for r in self.readers.get(t, []))]
+        outs = list(dict.fromkeys([t for t in targets if t in made] + keep))
+        if order:
+            used = {i for k in order for i in g.node[k].input}
+            sub = helper.make_graph(
+                [g.node[k] for k in order], "segment",
+                [helper.make_tensor_value_info(i, _onnx_type(self.cache[0][i]), None)
+                 for i in ins],
+                [onnx.ValueInfoProto(name=o) for o in outs],
+                [t for t in g.initializer if t.name in used])
+            m = helper.make_model(sub, opset_imports=proto.opset_import,
+                                  ir_version=proto.ir_version)
+            sess = session_for(m, threads=self.threads)
+            for c in self.cache:
+                try:
+                    vals = sess.run(outs, {i: c[i] for i in ins})
+                except Exception as exc:
+                    raise SpaError(f"ONNX Runtime failed on the calibration inputs "
+                                   f"({type(exc).__name__}: {exc})", file=self.path)
+                c.update(zip(outs, vals))
+        result = [{t: c[t] for t in targets} for c in self.cache]
+        stale = [t for t in (self.cache[0] if self.cache else {})
+                 if not any(not self.done[r] for r in self.readers.get(t, []))]
+        for c in self.cache:
+            for t in stale:
+                c.pop(t, None)
+        return result
+
+
+def _onnx_type(a: np.ndarray) -> int:
+    return onnx.helper.np_dtype_to_tensor_dtype(np.asarray(a).dtype)
+
+
 def batch_size_for(model, names: list[str], calib: Calibration, *, batch_size: int = 64,
                    max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[int, int]:
     """(batch size keeping `names` under `max_bytes` per batch, bytes per sample)."""

@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 import spa
+import spa.activations
 from models.synthetic import G
 from spa.activations import load_calibration, run_outputs
 from spa.analysis import analyze
@@ -336,3 +337,37 @@ def test_synthetic_calibration_matches_first_batchnorm():
     rm = model.consts[bn.input[3]]
     # the mean is fitted by least squares over channels: closer than a zero-mean guess
     assert np.abs(y.mean(axis=(0, 2, 3)) - rm).mean() <= np.abs(rm).mean() + 1e-6
+
+
+def test_batch_statistics_network_gives_batchnorm_outputs_their_stored_moments():
+    model = from_proto(cnn_with_bn())
+    cal = load_calibration("synthetic", model, n_synthetic=32)
+    assert cal.network is not None
+    bns = [n for n in model.nodes if n.op_type == "BatchNormalization"]
+    names = [n.output[0] for n in bns]
+    sess = session_for(spa.activations.with_outputs(cal.network, names))
+    outs = sess.run(names, cal.arrays)
+    for bn, y in zip(bns, outs):
+        assert np.allclose(y.mean(axis=(0, 2, 3)), model.consts[bn.input[2]], atol=1e-4)
+        assert np.allclose(y.var(axis=(0, 2, 3)), model.consts[bn.input[1]] ** 2, rtol=1e-2)
+
+
+def test_sequential_refit_piecewise_equals_whole_prefix_runs(tmp_path, monkeypatch):
+    """The frontier (each round runs only the layers since the last one) computes the same
+    refit as running both models from the inputs every round."""
+    import spa.criteria.obspa as ob
+    proto = cnn_with_bn(seed=2)
+    x = np.random.default_rng(0).standard_normal((40, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", input=x)
+
+    def run():
+        res = spa.prune(from_proto(proto), criterion="obspa", calib=str(tmp_path / "c.npz"),
+                        ratio=0.4)
+        assert res.obspa["reconstruction"] == "sequential"
+        return {t.name: onnx.numpy_helper.to_array(t) for t in res.proto.graph.initializer}
+    a = run()
+    monkeypatch.setattr(ob, "FRONTIER_BYTES", 0)
+    b = run()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k

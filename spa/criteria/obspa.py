@@ -52,8 +52,8 @@ MAX_FULL = 1152
 ROWS_PER_FEATURE = 64
 MIN_ROWS = 16384
 CHUNK = 8192
-#: sequential reconstruction keeps the original model's layer inputs in memory up to this
-CACHE_BYTES = 1 << 30
+#: sequential reconstruction holds the frontier tensors of all its samples up to about this
+FRONTIER_BYTES = 1 << 30
 
 
 # ------------------------------------------------------------------------------------------
@@ -644,22 +644,31 @@ def sequential_updates(ob: "Obspa", plan, start: Updates | None = None, *,
     rng = np.random.default_rng(1)
     n_total = min(calib.n_samples, samples or calib.n_samples)
     rounds = _rounds(model, consumers, _affected(model, analysis, plan, consumers))
-    from ..activations import DEFAULT_MAX_BYTES, batch_size_for, runner
+    from ..activations import (DEFAULT_MAX_BYTES, Frontier, _sample_bytes, batch_size_for,
+                               runner)
     every = sorted({consumers[k].x for rnd in rounds for k in rnd})
     bs, per = batch_size_for(model, every, calib, max_bytes=DEFAULT_MAX_BYTES)
-    cache = None
-    if per * n_total <= CACHE_BYTES:  # the original inputs of every round, computed once
-        run = runner(model.proto, every, path=model.path)
-        cache = [run(feeds) for feeds in calib.batches(bs, n_total)]
+    batches = list(calib.batches(bs, n_total))
+    # both models run piece by piece: each round computes only the layers between the
+    # previous round's inputs and its own (graphs with subgraphs: whole prefixes)
+    f_orig = Frontier(model.proto, batches, path=model.path)
+    f_now = Frontier(model.proto, batches, path=model.path)
+    first = batches[0] if batches else {}
+    sizes = sorted((_sample_bytes(model, t, first) for t in every), reverse=True)
+    if 2 * n_total * sum(sizes[:4]) > FRONTIER_BYTES:  # too many samples to hold a frontier
+        f_now.ok = False
     for rnd in rounds:
         current = apply_plan(model, analysis, plan, writer.updates())
         acc: dict[int, list] = {}
         names = sorted({consumers[k].x for k in rnd})
-        run_now = runner(current, names, path=model.path)
-        run_orig = None if cache else runner(model.proto, names, path=model.path)
-        for bi, feeds in enumerate(calib.batches(bs, n_total)):
-            now = run_now(feeds)
-            orig = cache[bi] if cache else run_orig(feeds)
+        if f_now.ok:
+            orig_all, now_all = f_orig.compute(model.proto, names), f_now.compute(current, names)
+        else:
+            run_now, run_orig = runner(current, names), runner(model.proto, names)
+            orig_all = [run_orig(f) for f in batches]
+            now_all = [run_now(f) for f in batches]
+        for bi in range(len(batches)):
+            now, orig = now_all[bi], orig_all[bi]
             for k in rnd:
                 c = consumers[k]
                 x, xt = np.asarray(orig[c.x]), np.asarray(now[c.x])
@@ -796,6 +805,8 @@ class Obspa:
         for c in self.consumers:
             modes[c.mode] = modes.get(c.mode, 0) + 1
         return {"calibration": self.calib.describe(), "damp": self.damp,
+                "reconstruction": "sequential" if self.sequential and
+                self.calib.arrays is not None else "independent",
                 "layers": len(self.consumers), "hessian_modes": modes,
                 "groups_without_consumers": self.orphans,
                 "hessians": {k: v for k, v in self.info.items() if k != "rows"},
