@@ -459,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpaError as exc:
         print(f"spa: error: {exc.describe()}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # output piped into `head`: not an error of ours
+        sys.stderr.close()
+        return 0
     except MemoryError:
         print("spa: error: out of memory while processing the model; nothing was written",
               file=sys.stderr)
@@ -471,9 +474,6 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # output piped into `head`: not an error of ours
-        sys.stderr.close()
-        return 0
 
 
 if __name__ == "__main__":
