@@ -129,7 +129,8 @@ def _print_latency(lat: dict) -> None:
 def _print_obspa(ob: dict) -> None:
     cal = ob["calibration"]
     print(f"obspa: calibration {cal['mode']} ({cal['samples']} samples, {cal['source']}); "
-          f"{ob['layers']} layers, Hessians in {ob['timings'].get('hessians_s', 0):.2f} s")
+          f"{ob['layers']} layers, Hessians in {ob['timings'].get('hessians_s', 0):.2f} s, "
+          f"{ob['reconstruction']} reconstruction")
     for note in cal["notes"]:
         print(f"  {note}")
     kept = ", ".join(f"{g}:{v['kept']}/{v['of']}" for g, v in ob["groups"].items())
