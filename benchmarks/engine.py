@@ -33,6 +33,7 @@ import tracemalloc
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+from spa.ir import write_text_atomic  # noqa: E402
 
 CACHE = os.path.join(ROOT, ".cache", "bench")
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
@@ -475,10 +476,7 @@ def write_doc(section: str) -> None:
     else:
         head = "# Benchmarks\n\n" if not text else text.rstrip() + "\n\n"
         text = head + "## Engine: analyze + prune\n\n" + block + "\n"
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(DOC), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, DOC)
+    write_text_atomic(DOC, text)
 
 
 def main() -> int:

@@ -42,7 +42,7 @@ import spa  # noqa: E402
 from spa import bench, latency  # noqa: E402
 from spa.cost import cost_model  # noqa: E402
 from spa.criteria import score  # noqa: E402
-from spa.ir import load  # noqa: E402
+from spa.ir import load, write_text_atomic  # noqa: E402
 from spa.rewrite.apply import apply_plan  # noqa: E402
 from spa.select import global_rank  # noqa: E402
 
@@ -336,10 +336,7 @@ def write_doc(sections: dict[str, str]) -> None:
             raise SystemExit(f"{DOC} has no {begin} ... {end} block")
         text = text[:text.index(begin)] + f"{begin}\n{section}\n{end}" + \
             text[text.index(end) + len(end):]
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(DOC), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, DOC)
+    write_text_atomic(DOC, text)
 
 
 def main() -> int:

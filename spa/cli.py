@@ -76,14 +76,10 @@ def _check_output(args) -> None:
 
 
 def _write_text(path: str, text: str) -> None:
-    import tempfile
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
+    from .ir import write_text_atomic
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise UsageError("the directory does not exist", file=path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".spa-", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def _budget_args(args):

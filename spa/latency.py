@@ -63,6 +63,7 @@ from .cost import CostModel, cost_model
 from .errors import SpaError, UsageError
 from .ops import registry
 from .ops.registry import Node
+from .ir import write_text_atomic
 
 #: kept fractions at which every class of a node is measured
 GRID = (1.0, 0.75, 0.5, 0.25, 0.1)
@@ -576,10 +577,7 @@ def _read_cache(path: str, sha: str) -> dict:
 def _write_cache(path: str, data: dict) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".spa-", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=0, sort_keys=True)
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(data, indent=0, sort_keys=True))
     except OSError:  # a read-only cache is no reason to fail: the tables are in memory
         pass
 

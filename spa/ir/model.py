@@ -502,6 +502,20 @@ def _infer_dtypes(model: Model) -> dict[str, int]:
 # saving
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Write a text file through a temporary file in the same directory and a rename."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".spa-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def save_atomic(proto: onnx.ModelProto, path: str, *, external_data: bool | None = None) -> None:
     """Write next to the target and rename: no partial file survives a failure. Models over
     1.8 GB are written with external data (one file beside the model)."""
