@@ -333,6 +333,12 @@ def convert(factory: str, input_shape: str, output: str, *, state_dict: str | No
                   dynamic_batch=dynamic_batch, keep_bn=keep_bn)
 
 
+def cli_main(args) -> Path:
+    """``spa convert torch`` (arguments parsed by spa.cli)."""
+    return convert(args.factory, args.input_shape, args.output, state_dict=args.state_dict,
+                   exporter=args.exporter, opset=args.opset, keep_bn=not args.fold_bn)
+
+
 # --------------------------------------------------------------------------- map-back
 
 # head counts (changed by head pruning) and per-head sizes (never: SPA removes whole heads)

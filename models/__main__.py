@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from models.registry import DEFAULT_EXPORTER, EXPORTERS, TORCH_ZOO_BY_NAME, all_entries
+from models.registry import (DEFAULT_EXPORTER, EXPORTERS, FRAMEWORK_ZOO_BY_NAME,
+                             TORCH_ZOO_BY_NAME, all_entries)
 
 
 def _list(args) -> int:
@@ -25,16 +26,44 @@ def _list(args) -> int:
     return 0
 
 
+def _export_other_frameworks(args) -> list:
+    """Export the jax/keras/sklearn zoo entries named (all of them when none is named)."""
+    import importlib
+
+    from models.registry import default_cache_dir
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    wanted = [s for n, s in FRAMEWORK_ZOO_BY_NAME.items() if not args.names or n in args.names]
+    failures = []
+    for spec in wanted:
+        path = spec.onnx_path(cache)
+        if path.exists() and not args.force:
+            print(path)
+            continue
+        try:
+            mod = importlib.import_module(f"models.{spec.framework}_zoo")
+            print(mod.export(spec.name, path))
+        except Exception as exc:  # report every failure, export the rest
+            failures.append(spec.name)
+            print(f"FAILED {spec.name} ({spec.framework}): {type(exc).__name__}: {exc}"
+                  .splitlines()[0], file=sys.stderr)
+    return failures
+
+
 def _export(args) -> int:
     from models.export import DEFAULT_OPSET, export_zoo
 
-    unknown = [n for n in args.names if n not in TORCH_ZOO_BY_NAME]
+    unknown = [n for n in args.names
+               if n not in TORCH_ZOO_BY_NAME and n not in FRAMEWORK_ZOO_BY_NAME]
     if unknown:
         print(f"error: unknown zoo model(s) {', '.join(unknown)}; see `python -m models list`",
               file=sys.stderr)
         return 2
     exporters = EXPORTERS if args.exporter == "all" else (args.exporter,)
     failures = []
+    failures += _export_other_frameworks(args)
+    torch_names = [n for n in args.names if n in TORCH_ZOO_BY_NAME]
+    if args.names and not torch_names:
+        return 1 if failures else 0
 
     def on_error(name, exc):
         failures.append((name, exporter, exc))
@@ -44,7 +73,7 @@ def _export(args) -> int:
     for exporter in exporters:
         t0 = time.perf_counter()
         paths = export_zoo(args.cache_dir, exporter, opset=args.opset or DEFAULT_OPSET,
-                           names=args.names or None, force=args.force, on_error=on_error)
+                           names=torch_names or None, force=args.force, on_error=on_error)
         for path in paths.values():
             print(path)
         print(f"{exporter}: {len(paths)} model(s) in {time.perf_counter() - t0:.1f}s",

@@ -111,6 +111,30 @@ TORCH_ZOO: tuple[ZooSpec, ...] = (
 TORCH_ZOO_BY_NAME: dict[str, ZooSpec] = {s.name: s for s in TORCH_ZOO}
 
 
+# The zoo's models from the other frameworks, as plain data. Each framework's module
+# `models/<framework>_zoo.py` (imported only to export) has `export(name, path) -> Path`,
+# which builds the seeded model and writes `<cache>/<name>.onnx`; `python -m models export`
+# dispatches to it. `input_shape` is the ONNX input's shape with batch 1 (channels-last
+# where the framework's graph says so).
+@dataclass(frozen=True)
+class FrameworkSpec:
+    name: str
+    framework: str  # jax | keras | sklearn
+    family: str
+    input_shape: tuple[int, ...]
+    description: str = ""
+
+    def onnx_path(self, cache_dir: Path | None = None) -> Path:
+        return Path(cache_dir or default_cache_dir()) / f"{self.name}.onnx"
+
+
+JAX_ZOO: tuple[FrameworkSpec, ...] = ()
+KERAS_ZOO: tuple[FrameworkSpec, ...] = ()
+SKLEARN_ZOO: tuple[FrameworkSpec, ...] = ()
+FRAMEWORK_ZOO_BY_NAME: dict[str, FrameworkSpec] = {
+    s.name: s for s in (*JAX_ZOO, *KERAS_ZOO, *SKLEARN_ZOO)}
+
+
 # Real pretrained PaddleOCR models shipped inside the `rapidocr` wheel (checked with
 # rapidocr 3.10.0; Apache-2.0, see the wheel's MODEL_LICENSES.md). Columns: name, family,
 # input shape, path relative to the installed package directory. The ONNX inputs ("x")
@@ -153,6 +177,12 @@ def torch_zoo_entries(cache_dir: Path | None = None, exporter: str = DEFAULT_EXP
     for spec in TORCH_ZOO:
         yield RegistryEntry(spec.name, "torch", spec.family, list(spec.input_shape),
                             path=str(spec.onnx_path(exporter, cache_dir)))
+
+
+def framework_zoo_entries(cache_dir: Path | None = None) -> Iterator[RegistryEntry]:
+    for spec in (*JAX_ZOO, *KERAS_ZOO, *SKLEARN_ZOO):
+        yield RegistryEntry(spec.name, spec.framework, spec.family, list(spec.input_shape),
+                            path=str(spec.onnx_path(cache_dir)))
 
 
 def trained_entries(trained_dir: Path = TRAINED_DIR) -> Iterator[RegistryEntry]:
@@ -204,5 +234,7 @@ def rapidocr_entries() -> Iterator[RegistryEntry]:
 
 def all_entries(cache_dir: Path | None = None, exporter: str = DEFAULT_EXPORTER
                 ) -> list[RegistryEntry]:
-    """Torch zoo, then trained models (sidecars), then rapidocr's PaddleOCR models."""
-    return [*torch_zoo_entries(cache_dir, exporter), *trained_entries(), *rapidocr_entries()]
+    """Torch zoo, the other frameworks' zoo, trained models (sidecars), then rapidocr's
+    PaddleOCR models."""
+    return [*torch_zoo_entries(cache_dir, exporter), *framework_zoo_entries(cache_dir),
+            *trained_entries(), *rapidocr_entries()]

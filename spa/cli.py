@@ -315,18 +315,45 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# `spa convert FRAMEWORK ...`: the python package each framework needs, for the error message.
+CONVERT_NEEDS = {"torch": ("torch", "torch"), "jax": ("jax2onnx", "jax"),
+                 "keras": ("tf2onnx", "tf")}
+
+
 def cmd_convert(args) -> int:
     # The one place spa reaches into converters/ (models -> converters -> spa): lazily, so
-    # that spa itself never needs a framework.
+    # that spa itself never needs a framework. Each converters.<framework> module has a
+    # `cli_main(args) -> Path` that takes the subcommand's parsed arguments.
+    import importlib
     import importlib.util
-    if importlib.util.find_spec(args.framework) is None:
-        raise UsageError(f"spa convert {args.framework} needs PyTorch: pip install "
-                         "'spa-prune[torch]' -c constraints.txt")
-    from converters.torch import convert
-    path = convert(args.factory, args.input_shape, args.output, state_dict=args.state_dict,
-                   exporter=args.exporter, opset=args.opset, keep_bn=not args.fold_bn)
+    package, extra = CONVERT_NEEDS[args.framework]
+    if importlib.util.find_spec(package) is None:
+        raise UsageError(f"spa convert {args.framework} needs the {package!r} package: "
+                         f"pip install 'spa-prune[{extra}]' -c constraints.txt")
+    mod = importlib.import_module(f"converters.{args.framework}")
+    path = mod.cli_main(args)
     print(f"wrote {path}")
     return 0
+
+
+def _add_convert_jax(cs) -> None:
+    """`spa convert jax ...` (converters/jax.py)."""
+    cj = cs.add_parser("jax", help="a flax nnx module from a factory (pkg.module:fn), via jax2onnx")
+    cj.add_argument("factory", help="pkg.module:callable that returns the nnx.Module")
+    cj.add_argument("--input-shape", required=True, metavar="SHAPE",
+                    help="e.g. 1x28x28x1 (batch axis exported dynamic)")
+    cj.add_argument("-o", "--output", required=True)
+    cj.add_argument("--opset", type=int, default=18)
+    cj.set_defaults(fn=cmd_convert)
+
+
+def _add_convert_keras(cs) -> None:
+    """`spa convert keras ...` (converters/keras.py)."""
+    ck = cs.add_parser("keras", help="a saved .keras file or SavedModel directory, via tf2onnx")
+    ck.add_argument("model", help="MODEL.keras or a SavedModel directory")
+    ck.add_argument("-o", "--output", required=True)
+    ck.add_argument("--opset", type=int, default=18)
+    ck.set_defaults(fn=cmd_convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,17 +461,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("convert", help="export a framework model to ONNX (docs/frameworks.md)")
-    c.add_argument("framework", choices=["torch"])
-    c.add_argument("factory", help="pkg.module:callable that returns the model")
-    c.add_argument("--input-shape", required=True, metavar="SHAPE",
-                   help="e.g. 1x3x224x224; several inputs comma-separated; 1x16:int64 for ids")
-    c.add_argument("--state-dict", help="weights file (torch.load, weights_only=True)")
-    c.add_argument("-o", "--output", required=True)
-    c.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"])
-    c.add_argument("--opset", type=int, default=18)
-    c.add_argument("--fold-bn", action="store_true",
-                   help="deployment export (BN folded); plans on it cannot be mapped back")
-    c.set_defaults(fn=cmd_convert)
+    cs = c.add_subparsers(dest="framework", required=True)
+    ct = cs.add_parser("torch", help="an nn.Module from a factory (pkg.module:fn)")
+    ct.add_argument("factory", help="pkg.module:callable that returns the model")
+    ct.add_argument("--input-shape", required=True, metavar="SHAPE",
+                    help="e.g. 1x3x224x224; several inputs comma-separated; 1x16:int64 for ids")
+    ct.add_argument("--state-dict", help="weights file (torch.load, weights_only=True)")
+    ct.add_argument("-o", "--output", required=True)
+    ct.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"])
+    ct.add_argument("--opset", type=int, default=18)
+    ct.add_argument("--fold-bn", action="store_true",
+                    help="deployment export (BN folded); plans on it cannot be mapped back")
+    ct.set_defaults(fn=cmd_convert)
+    _add_convert_jax(cs)
+    _add_convert_keras(cs)
     return p
 
 
