@@ -123,6 +123,7 @@ class FrameworkSpec:
     family: str
     input_shape: tuple[int, ...]
     description: str = ""
+    trained: bool = False  # fitted on data at export time (the sklearn zoo), not random
 
     def onnx_path(self, cache_dir: Path | None = None) -> Path:
         return Path(cache_dir or default_cache_dir()) / f"{self.name}.onnx"
@@ -130,7 +131,12 @@ class FrameworkSpec:
 
 JAX_ZOO: tuple[FrameworkSpec, ...] = ()
 KERAS_ZOO: tuple[FrameworkSpec, ...] = ()
-SKLEARN_ZOO: tuple[FrameworkSpec, ...] = ()
+SKLEARN_ZOO: tuple[FrameworkSpec, ...] = (
+    FrameworkSpec("mlp_digits", "sklearn", "sklearn-mlp", (1, 64),
+                  description="MLPClassifier (64, 32) trained on sklearn's digits; skl2onnx "
+                              "with zipmap=False (outputs label, probabilities)",
+                  trained=True),
+)
 FRAMEWORK_ZOO_BY_NAME: dict[str, FrameworkSpec] = {
     s.name: s for s in (*JAX_ZOO, *KERAS_ZOO, *SKLEARN_ZOO)}
 
@@ -182,7 +188,7 @@ def torch_zoo_entries(cache_dir: Path | None = None, exporter: str = DEFAULT_EXP
 def framework_zoo_entries(cache_dir: Path | None = None) -> Iterator[RegistryEntry]:
     for spec in (*JAX_ZOO, *KERAS_ZOO, *SKLEARN_ZOO):
         yield RegistryEntry(spec.name, spec.framework, spec.family, list(spec.input_shape),
-                            path=str(spec.onnx_path(cache_dir)))
+                            trained=spec.trained, path=str(spec.onnx_path(cache_dir)))
 
 
 def trained_entries(trained_dir: Path = TRAINED_DIR) -> Iterator[RegistryEntry]:
