@@ -1,6 +1,7 @@
-"""`spa analyze | prune | verify | bench | eval | convert` — exit codes: 0 success, 1
-verification failed, 2 usage error, 3 the model (or plan) cannot be processed, 4 the pruned
-model failed the accuracy / deviation gate (--max-drop, --max-deviation; nothing written)."""
+"""`spa analyze | prune | verify | bench | eval | finetune | convert` — exit codes: 0
+success, 1 verification failed, 2 usage error, 3 the model (or plan) cannot be processed, 4 the
+pruned model failed the accuracy / deviation gate (--max-drop, --max-deviation; nothing
+written)."""
 from __future__ import annotations
 
 import argparse
@@ -315,6 +316,43 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    """Train the pruned model's parameters on data with the JAX engine (spa/finetune.py)."""
+    from dataclasses import asdict
+    from . import api
+    from .finetune import Config, finetune, load_training_data
+    _check_output(args)
+    cfg = Config(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
+                 schedule=args.schedule, weight_decay=args.wd, momentum=args.momentum,
+                 batch=args.batch, seed=args.seed, augment=args.augment, bn=args.bn,
+                 bn_samples=args.bn_samples, kd_alpha=args.kd_alpha,
+                 kd_temperature=args.kd_temperature, limit=args.limit,
+                 eval_limit=args.eval_limit, threads=args.threads)
+    cfg.check()
+    if args.teacher and os.path.exists(args.output) and \
+            os.path.samefile(args.output, args.teacher):
+        raise UsageError("the output path is the teacher file; SPA never overwrites its input",
+                         file=args.output)
+    model = api.load(args.model)
+    teacher = api.load(args.teacher) if args.teacher else None
+    data = load_training_data(args.data, model, test=args.test)
+    res = finetune(model, data, cfg, teacher=teacher,
+                   log=lambda line: print(line, flush=True))
+    for note in res.notes:
+        print(f"note: {note}")
+    if res.accuracy_before is not None and res.accuracy_after is not None:
+        print(f"test accuracy {100 * res.accuracy_before:.2f}% -> "
+              f"{100 * res.accuracy_after:.2f}% ({res.seconds:.0f} s)")
+    if args.report:
+        _write_text(args.report, json.dumps({"model": args.model, "data": data.name,
+                                             "teacher": args.teacher,
+                                             "config": asdict(cfg), **res.to_json()},
+                                            indent=1))
+    api.save(res.proto, args.output, source=args.model)
+    print(f"wrote {args.output}")
+    return 0
+
+
 # `spa convert FRAMEWORK ...`: the python package each framework needs, for the error message.
 CONVERT_NEEDS = {"torch": ("torch", "torch"), "jax": ("jax2onnx", "jax"),
                  "keras": ("tf2onnx", "tf")}
@@ -459,6 +497,46 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=0)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    f = sub.add_parser("finetune", help="train a pruned model's parameters (JAX; same graph out)")
+    f.add_argument("model", help="the pruned model (never modified)")
+    f.add_argument("-o", "--output", required=True)
+    f.add_argument("--data", required=True, metavar="DATA",
+                   help="fashion-mnist (train split), a directory of IDX files or FILE.npz "
+                        "(arrays keyed by input name, first axis = samples, optional `labels`)")
+    f.add_argument("--test", metavar="DATA",
+                   help="evaluate on this after every epoch (default: the test split of "
+                        "fashion-mnist / the IDX directory; none for .npz)")
+    f.add_argument("--epochs", type=int, required=True,
+                   help="passes over the data (0: only recompute BatchNorm statistics)")
+    f.add_argument("--lr", type=float, help="peak learning rate (default 0.01 sgd, 1e-3 adamw)")
+    f.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
+                   help="sgd: Nesterov momentum")
+    f.add_argument("--schedule", default="cosine", choices=["cosine", "onecycle", "constant"])
+    f.add_argument("--wd", type=float,
+                   help="weight decay on weights of rank >= 2 (default 5e-4 sgd, 1e-2 adamw)")
+    f.add_argument("--momentum", type=float, default=0.9)
+    f.add_argument("--batch", type=int, default=128)
+    f.add_argument("--augment", default="none", choices=["none", "crop", "flip", "crop-flip"],
+                   help="image inputs: random crop (2-pixel padding) and/or horizontal flip")
+    f.add_argument("--bn", default="batch", choices=["batch", "fixed"],
+                   help="batch: BatchNorms train with batch statistics and their running "
+                        "statistics are recomputed from the data; fixed: keep them")
+    f.add_argument("--bn-samples", type=int, default=2048,
+                   help="training samples the running statistics are recomputed on")
+    f.add_argument("--teacher", metavar="ORIGINAL",
+                   help="distil from this model (the unpruned original)")
+    f.add_argument("--kd-alpha", type=float, default=0.9,
+                   help="loss = alpha * KD + (1 - alpha) * cross-entropy")
+    f.add_argument("--kd-temperature", type=float, default=4.0)
+    f.add_argument("--limit", type=int, metavar="N",
+                   help="train on a seeded random subset of N samples")
+    f.add_argument("--eval-limit", type=int, metavar="N", help="evaluate the first N samples")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime threads (teacher, statistics, evaluation)")
+    f.add_argument("--report", help="write a JSON report (options, per-epoch history)")
+    f.set_defaults(fn=cmd_finetune)
 
     c = sub.add_parser("convert", help="export a framework model to ONNX (docs/frameworks.md)")
     cs = c.add_subparsers(dest="framework", required=True)
