@@ -131,7 +131,18 @@ class FrameworkSpec:
         return Path(cache_dir or default_cache_dir()) / f"{self.name}.onnx"
 
 
-JAX_ZOO: tuple[FrameworkSpec, ...] = ()
+JAX_ZOO: tuple[FrameworkSpec, ...] = (
+    FrameworkSpec("jax_cnn_bn", "jax", "plain-cnn", (1, 32, 32, 3),
+                  description="flax nnx conv-BN-ReLU stack (one grouped conv), max-pool, "
+                              "NHWC Flatten -> Linear head; jax2onnx"),
+    FrameworkSpec("jax_resnet_small", "jax", "resnet-basic", (1, 32, 32, 3),
+                  description="flax nnx ResNet basic blocks, residual adds, strided 1x1 "
+                              "projection shortcut, global mean pool; jax2onnx"),
+    FrameworkSpec("jax_transformer_tiny", "jax", "transformer-encoder", (1, 16),
+                  description="flax nnx Embed + position table, 2 pre-LN blocks with "
+                              "nnx.MultiHeadAttention (4 heads) and GELU MLP; int32 token "
+                              "ids in [0, 100); jax2onnx"),
+)
 KERAS_ZOO: tuple[FrameworkSpec, ...] = ()
 SKLEARN_ZOO: tuple[FrameworkSpec, ...] = (
     FrameworkSpec("mlp_digits", "sklearn", "sklearn-mlp", (1, 64),
