@@ -8,7 +8,7 @@ import onnx
 
 from . import cost
 from .analysis import analyze, Analysis
-from .criteria import score
+from .criteria import DATA_CRITERIA, default_normalize, evaluate, get as get_criterion
 from .errors import SpaError, UsageError
 from .ir import load, save_atomic
 from .ir.model import from_proto
@@ -50,12 +50,17 @@ def stats(model) -> dict:
 
 def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to: int = 1,
               seed: int = 0, exact_only: bool = False, target=None, select: str = "uniform",
-              normalize: str = "mean", max_group_loss: float = 0.9, latency=None) -> Plan:
+              normalize: str | None = None, max_group_loss: float = 0.9, latency=None,
+              aggregate: str = "sum", stats=None) -> Plan:
     """Score and select. Without `target`: `ratio` of every group (uniform). With `target`
     ("flops:0.5", ("params", 0.3)): the plan costs at most that fraction of the original,
     chosen by `select` (uniform: one ratio found by bisection; global; knapsack).
     "latency:F" predicts latency from tables measured as `latency` (a
-    spa.latency.LatencySettings: provider, batch, threads) says."""
+    spa.latency.LatencySettings: provider, batch, threads) says. `aggregate` combines the
+    member slice scores of a channel, `normalize` (default: the criterion's own, see
+    docs/criteria.md) makes groups comparable for the global selections. Gradient
+    criteria need `stats` (spa.criteria.gradient.compute_stats; spa.prune computes them
+    from `calib` and attaches them to the analysis)."""
     if not 0.0 <= ratio < 1.0:
         raise UsageError(f"--ratio must be in [0, 1), got {ratio}")
     if round_to < 1:
@@ -69,12 +74,23 @@ def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to:
             attach(model, analysis, latency or LatencySettings(align=round_to))
     elif select != "uniform":
         raise UsageError(f"--select {select} needs a budget: give --target, e.g. flops:0.5")
-    scores = score(analysis, criterion, seed=seed)
+    normalize = default_normalize(criterion) if normalize is None else normalize
+    scores, notes = evaluate(analysis, criterion, seed=seed, aggregate=aggregate, stats=stats)
+    options = {"seed": seed}
+    if criterion != "obspa":
+        options["aggregate"] = aggregate
+    grads = analysis.__dict__.get("_gradients") if stats is None else stats
+    if grads is not None and criterion != "obspa" and get_criterion(criterion).needs_data:
+        options["calib_samples"] = int(getattr(grads, "samples", 0))
+        if getattr(grads, "objective", ""):
+            options["objective"] = grads.objective
+    if notes:
+        options["criterion_notes"] = notes
     if target is None:
         return uniform(analysis, scores, ratio, round_to=round_to, exact_only=exact_only,
-                       criterion=criterion, options={"seed": seed})
+                       criterion=criterion, options=options)
     kw = dict(max_group_loss=max_group_loss, round_to=round_to, exact_only=exact_only,
-              criterion=criterion, options={"seed": seed})
+              criterion=criterion, options=options)
     if select == "uniform":
         return uniform_for_target(analysis, scores, target, **kw)
     fn = global_rank if select == "global" else knapsack
@@ -86,28 +102,47 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
           exact_only: bool = False, progress=None,
           input_shapes: dict | None = None, target=None, select: str | None = None,
           normalize: str | None = None, max_group_loss: float = 0.9,
-          latency=None, calib=None) -> PruneResult:
+          latency=None, calib=None, aggregate: str = "sum",
+          calib_samples: int | None = None) -> PruneResult:
     """Analyze, plan (or take the given plan), rewrite and optionally verify a model.
     A "latency:F" target measures: see spa.latency.prune_to_latency.
     criterion "obspa": `calib` is an .npz path, "synthetic" or "none" (default
     DEFAULT_CALIB); the kept weights are reconstructed (docs/obspa.md), and `do_verify`
-    checks the structural plan before reconstruction with the oracle."""
+    checks the structural plan before reconstruction with the oracle.
+    Gradient criteria (taylor, hessian, snip, grasp, crop; docs/criteria.md): `calib` is an
+    .npz path (optional `labels`), "synthetic", or a spa.activations.Calibration;
+    `calib_samples` uses only the first N samples."""
     if isinstance(model, (str, os.PathLike)):
         model = load(model)
-    if calib is not None and criterion != "obspa":
-        raise UsageError("--calib applies to --criterion obspa only")
+    crit = None if criterion == "obspa" else get_criterion(criterion)
+    needs_grads = crit is not None and crit.needs_data
+    if calib is not None and criterion not in DATA_CRITERIA:
+        raise UsageError(f"--calib applies to --criterion obspa and the gradient criteria "
+                         f"({', '.join(c for c in DATA_CRITERIA if c != 'obspa')}) only; "
+                         f"{criterion!r} needs no data")
+    if needs_grads and plan is None and (calib is None or calib == "none"):
+        raise UsageError(f"criterion {criterion!r} needs calibration data for its gradients: "
+                         "give --calib FILE.npz (one array per graph input, first axis = "
+                         "samples, optional 'labels') or --calib synthetic")
+    if calib_samples is not None and calib_samples < 1:
+        raise UsageError(f"--calib-samples must be >= 1, got {calib_samples}")
     if criterion == "obspa":
-        normalize = "none" if normalize is None else normalize  # its scores compare already
         select = ("knapsack" if target is not None else "uniform") if select is None else select
-    normalize = "mean" if normalize is None else normalize
+    normalize = default_normalize(criterion) if normalize is None else normalize
     select = "uniform" if select is None else select
     analysis = analyze(model, progress=progress)
+    if needs_grads and plan is None:
+        from .activations import load_calibration
+        from .criteria.gradient import compute_stats
+        cal = _first_samples(load_calibration(calib, model, seed=seed), calib_samples)
+        analysis.__dict__["_gradients"] = compute_stats(model, cal, crit)
     ob = None
     if criterion == "obspa":
         from .activations import load_calibration
         from .criteria.obspa import Obspa
-        ob = Obspa(model, analysis, load_calibration(
-            DEFAULT_CALIB if calib is None else calib, model, seed=seed), seed=seed)
+        ob = Obspa(model, analysis, _first_samples(load_calibration(
+            DEFAULT_CALIB if calib is None else calib, model, seed=seed), calib_samples),
+            seed=seed)
         analysis.__dict__["_obspa"] = ob
     proto = None
     if plan is None:
@@ -115,7 +150,8 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
             return make_plan(model, analysis, ratio=ratio, criterion=criterion,
                              round_to=round_to, seed=seed, exact_only=exact_only, target=t,
                              select=select, normalize=normalize,
-                             max_group_loss=max_group_loss, latency=latency)
+                             max_group_loss=max_group_loss, latency=latency,
+                             aggregate=aggregate)
         if target is not None and parse_target(target).metric == "latency":
             from .latency import LatencySettings, prune_to_latency
             latency = latency or LatencySettings(align=round_to)
@@ -143,6 +179,16 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
         result.obspa["verify_applies_to"] = "the structural plan before reconstruction " \
             "(the reconstruction changes weights; see measured)"
     return result
+
+
+def _first_samples(cal, n: int | None):
+    """The calibration restricted to its first n samples (all when n is None)."""
+    if n is None or not cal.arrays or n >= cal.n_samples:
+        return cal
+    from dataclasses import replace
+    return replace(cal, arrays={k: v[:n] for k, v in cal.arrays.items()},
+                   labels=None if cal.labels is None else cal.labels[:n],
+                   notes=cal.notes + [f"first {n} of {cal.n_samples} samples"])
 
 
 def save(proto: onnx.ModelProto, path: str, *, source: str | None = None) -> None:

@@ -158,7 +158,8 @@ def cmd_prune(args) -> int:
                     seed=args.seed, plan=plan, do_verify=args.verify,
                     exact_only=args.exact_only, progress=_progress("analyze"),
                     target=target, select=args.select, normalize=args.normalize,
-                    max_group_loss=args.max_group_loss, latency=latency, calib=args.calib)
+                    max_group_loss=args.max_group_loss, latency=latency, calib=args.calib,
+                    aggregate=args.aggregate, calib_samples=args.calib_samples)
     if target is not None:
         print(f"target {target.name}:{target.fraction:g} "
               f"({res.plan.options.get('select', args.select)} selection): achieved "
@@ -395,6 +396,7 @@ def _add_convert_keras(cs) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .criteria import AGGREGATIONS, CRITERIA
     p = argparse.ArgumentParser(prog="spa", description="Structural pruning of ONNX models.")
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("analyze", help="list coupled channel groups and frozen dims")
@@ -407,13 +409,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--ratio", type=float, default=0.5,
                    help="fraction of the channels of every prunable group to remove")
-    q.add_argument("--criterion", default="l2", choices=["l1", "l2", "random", "obspa"],
-                   help="obspa: OBS saliency on calibration data, with least-squares "
-                        "reconstruction of the kept weights (docs/obspa.md)")
+    q.add_argument("--criterion", default="l2", choices=list(CRITERIA),
+                   help="channel importance (docs/criteria.md): l1, l2, bn_scale, random, "
+                        "fpgm, lamp need no data; taylor, hessian, snip, grasp, crop need "
+                        "gradients on --calib data; obspa: OBS saliency on calibration data, "
+                        "with least-squares reconstruction of the kept weights "
+                        "(docs/obspa.md)")
+    q.add_argument("--aggregate", default="sum", choices=list(AGGREGATIONS),
+                   help="how the scores of the member slices of a channel (its filter, the "
+                        "next layer's input slice, its BN scale, ...) combine (default sum)")
     q.add_argument("--calib", metavar="FILE.npz|synthetic|none",
-                   help="obspa calibration: .npz (one array per graph input, first axis = "
-                        "samples), 'synthetic' (inputs synthesised from the model, default) "
-                        "or 'none' (statistics stored in the model)")
+                   help="calibration data for obspa and the gradient criteria: .npz (one "
+                        "array per graph input, first axis = samples, optional 'labels'), "
+                        "'synthetic' (inputs synthesised from the model; obspa's default) "
+                        "or, for obspa only, 'none' (statistics stored in the model)")
+    q.add_argument("--calib-samples", type=int, metavar="N",
+                   help="use only the first N calibration samples")
     q.add_argument("--round-to", type=int, default=None,
                    help="keep group sizes multiples of N (default 1; with --target latency:F "
                         "the provider's channel block: 16 on AVX-512 CPUs, else 8)")
@@ -434,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--normalize", default=None,
                    choices=["mean", "max", "sum", "none", "standardization", "lamp"],
                    help="per-group score normalisation for --select global/knapsack "
-                        "(default mean; none for obspa, whose scores compare across groups)")
+                        "(default mean; none for obspa and lamp, whose scores compare across "
+                        "groups; standardization for grasp, whose scores have both signs)")
     q.add_argument("--max-group-loss", type=float, default=0.9,
                    help="with --target: largest fraction of one group's channels removed")
     q.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cost import METRIC_ALIASES, cost_model
+from ..criteria.aggregate import NORMALIZERS, normalize  # the per-group step, shared
 from ..errors import UsageError
 from ..plan import Plan, model_sha256
 from .local import _member_counts
 
-NORMALIZERS = ("mean", "max", "sum", "none", "standardization", "lamp")
 #: the result lands in [fraction - TOLERANCE, fraction] of the original cost
 TOLERANCE = 0.02
 
@@ -68,26 +68,6 @@ def parse_target(spec) -> Target:
     if not (0.0 < frac <= 1.0) or math.isnan(frac):
         raise UsageError(f"target fraction must be in (0, 1], got {value!r}")
     return Target(name, frac)
-
-
-def normalize(s, how: str = "mean") -> np.ndarray:
-    """Make one group's scores comparable with other groups' (higher = more important)."""
-    s = np.asarray(s, np.float64)
-    if how == "none" or not len(s):
-        return s.copy()
-    if how in ("mean", "max", "sum"):
-        d = {"mean": np.mean, "max": np.max, "sum": np.sum}[how](s)
-        return s / d if d > 0 else s.copy()
-    if how == "standardization":
-        return (s - s.mean()) / (s.std() + 1e-12)
-    if how == "lamp":  # Lee et al. 2021: a score over the sum of all scores not below it
-        order = np.argsort(s, kind="stable")
-        srt = s[order]
-        tail = np.cumsum(srt[::-1])[::-1]
-        out = np.empty_like(s)
-        out[order] = srt / np.maximum(tail, 1e-12)
-        return out
-    raise UsageError(f"unknown normalisation {how!r} (use one of {', '.join(NORMALIZERS)})")
 
 
 class Constraints:
