@@ -143,7 +143,19 @@ JAX_ZOO: tuple[FrameworkSpec, ...] = (
                               "nnx.MultiHeadAttention (4 heads) and GELU MLP; int32 token "
                               "ids in [0, 100); jax2onnx"),
 )
-KERAS_ZOO: tuple[FrameworkSpec, ...] = ()
+# Keras 3 models, channels-last (NHWC) inputs; built and exported by models/keras_zoo.py.
+KERAS_ZOO: tuple[FrameworkSpec, ...] = (
+    FrameworkSpec("keras_plain_cnn", "keras", "plain-cnn", (1, 32, 32, 3),
+                  "Conv2D-BN-ReLU stages with max pooling, NHWC Flatten -> Dense head"),
+    FrameworkSpec("keras_resnet", "keras", "resnet-basic", (1, 32, 32, 3),
+                  "basic residual blocks (Add), strided 1x1 projection shortcut, GAP"),
+    FrameworkSpec("keras_mobilenet", "keras", "mobilenetv2", (1, 32, 32, 3),
+                  "inverted residuals: DepthwiseConv2D, ReLU6, linear 1x1, Add; "
+                  "SeparableConv2D"),
+    FrameworkSpec("keras_vit", "keras", "vit", (1, 32, 32, 3),
+                  "pre-LN transformer: LayerNormalization, keras MultiHeadAttention (4 heads), "
+                  "exact-GELU MLP"),
+)
 SKLEARN_ZOO: tuple[FrameworkSpec, ...] = (
     FrameworkSpec("mlp_digits", "sklearn", "sklearn-mlp", (1, 64),
                   description="MLPClassifier (64, 32) trained on sklearn's digits; skl2onnx "
