@@ -392,13 +392,44 @@ def test_gradient_criteria_with_the_engine(tmp_path):
     np.savez(tmp_path / "c.npz", x=rng.standard_normal((24, 3, 8, 8)).astype(np.float32),
              labels=rng.integers(0, 4, 24))
     model = load_proto(proto)
+    res = spa.prune(model, criterion="hessian", calib=str(tmp_path / "c.npz"), ratio=0.5,
+                    do_verify=True, calib_samples=16)
+    assert res.verify.passed and res.plan.options["calib_samples"] == 16
+    assert res.plan.options["objective"] == "ce"  # the labels were used
+    # one set of statistics for all gradient criteria
+    from spa.activations import load_calibration
+    from spa.criteria.gradient import compute_stats
+    from spa.rewrite.apply import apply_plan
+    from spa.verify import verify
+    ana = analyze(model)
+    st = compute_stats(model, load_calibration(str(tmp_path / "c.npz"), model),
+                       ("grad", "fisher", "hg"))
+    assert st.samples == 24
+    # the statistics are keyed like the members: a finite difference of the loss in ORT
+    # along one weight of the Gemm agrees with the engine's gradient for that name
+    import onnxruntime as ort
+    data = np.load(tmp_path / "c.npz")
+    wname = next(n for n in model.nodes if n.op_type == "Gemm").input[1]
+
+    def loss(delta):
+        p = onnx.ModelProto()
+        p.CopyFrom(proto)
+        t = next(t for t in p.graph.initializer if t.name == wname)
+        a = onnx.numpy_helper.to_array(t).copy()
+        a[2, 1] += delta
+        t.CopyFrom(onnx.numpy_helper.from_array(a, wname))
+        z = ort.InferenceSession(p.SerializeToString()).run(None, {"x": data["x"]})[0]
+        z = z.astype(np.float64) - z.max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        return -logp[np.arange(24), data["labels"]].mean()
+    fd = (loss(1e-2) - loss(-1e-2)) / 2e-2
+    assert st.grad[wname][2, 1] == pytest.approx(fd, rel=2e-2, abs=1e-5)
     for crit in GRADIENT:
-        res = spa.prune(model, criterion=crit, calib=str(tmp_path / "c.npz"), ratio=0.5,
-                        do_verify=True, calib_samples=16)
-        assert res.verify.passed, crit
-        assert res.plan.options["calib_samples"] == 16
-        s = score(res.analysis, crit)
+        s = score(ana, crit, stats=st)
         assert all(np.isfinite(v).all() for v in s) and any(np.abs(v).sum() > 0 for v in s)
+        plan = spa.make_plan(model, ana, ratio=0.5, criterion=crit, stats=st,
+                             target="flops:0.6", select="global")
+        assert plan.keep and verify(model, apply_plan(model, ana, plan), ana, plan).passed
 
 
 def test_gradient_criteria_refuse_a_zero_objective(tmp_path):
