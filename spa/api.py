@@ -8,7 +8,8 @@ import onnx
 
 from . import cost
 from .analysis import analyze, Analysis
-from .criteria import DATA_CRITERIA, default_normalize, evaluate, get as get_criterion
+from .criteria import (AGGREGATIONS, DATA_CRITERIA, default_normalize, evaluate,
+                       get as get_criterion)
 from .errors import SpaError, UsageError
 from .ir import load, save_atomic
 from .ir.model import from_proto
@@ -126,6 +127,12 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
                          "samples, optional 'labels') or --calib synthetic")
     if calib_samples is not None and calib_samples < 1:
         raise UsageError(f"--calib-samples must be >= 1, got {calib_samples}")
+    if aggregate not in AGGREGATIONS:
+        raise UsageError(f"unknown aggregation {aggregate!r} (use one of "
+                         f"{', '.join(AGGREGATIONS)})")
+    if criterion == "obspa" and aggregate != "sum":
+        raise UsageError("--aggregate does not apply to --criterion obspa (its scores are "
+                         "whole-channel OBS costs, not member slices)")
     if criterion == "obspa":
         select = ("knapsack" if target is not None else "uniform") if select is None else select
     normalize = default_normalize(criterion) if normalize is None else normalize
