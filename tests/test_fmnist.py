@@ -113,3 +113,9 @@ def test_trained_model_matches_recorded_accuracy(onnx_path):
     assert meta["path"] == f"models/trained/{onnx_path.name}"
     acc = fmnist.evaluate_onnx(onnx_path, limit=2000)
     assert abs(acc - meta["accuracy"]) <= 0.015, (acc, meta["accuracy"])
+
+
+def test_trained_table_in_docs_is_current():
+    from models import trained_table
+    assert trained_table.current_block() == trained_table.block(), (
+        "docs/zoo.md's trained-model table is stale: python -m models.trained_table --write")
