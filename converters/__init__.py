@@ -8,7 +8,11 @@ imports converters.
 - ``converters.torch`` — PyTorch: ``export`` (dynamo or legacy exporter; ``keep_bn=True``
   keeps parameter names for the way back), ``apply_plan`` (shrink the ``nn.Module`` in place),
   ``convert`` (what ``spa convert torch`` runs).
-- JAX/Flax and Keras/TensorFlow: not yet (docs/frameworks.md).
+- ``converters.jax`` — JAX/Flax: ``export`` / ``to_onnx`` (a flax ``nnx.Module`` through
+  jax2onnx; initializers named after the parameters by probing the exporter),
+  ``apply_plan`` (shrink the nnx module's variables and layer widths in place),
+  ``convert`` / ``cli_main`` (what ``spa convert jax`` runs).
+- Keras/TensorFlow: not yet (docs/frameworks.md).
 """
 
-FRAMEWORKS = ("torch",)
+FRAMEWORKS = ("torch", "jax")
