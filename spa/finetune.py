@@ -216,7 +216,8 @@ def load_training_data(spec: str, model, *, test: str | None = None) -> TrainDat
     else:
         ds = load_dataset(spec)
         feeds, _ = bind(ds, model.proto)
-        data = TrainData(spec, {k: np.asarray(v) for k, v in feeds.items()}, ds.labels)
+        data = TrainData(spec, {k: _fit_layout(np.asarray(v), _input_dims(model, k))
+                                for k, v in feeds.items()}, ds.labels)
     if test is not None:
         ds = load_dataset(test)
         feeds, _ = bind(ds, model.proto)
@@ -224,9 +225,23 @@ def load_training_data(spec: str, model, *, test: str | None = None) -> TrainDat
                                     for k, v in feeds.items()}, ds.labels)
     data.test = test_ds
     for k, v in data.inputs.items():
-        if not np.all(np.isfinite(v)) if np.issubdtype(v.dtype, np.floating) else False:
+        if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
             raise SpaError(f"the training array {k!r} holds NaN or Inf", file=spec)
+    _check_labels(data, model, spec)
     return data
+
+
+def _check_labels(data: TrainData, model, spec: str) -> None:
+    """Labels must index the classes of the model's first output (when its shape says how
+    many there are): JAX would silently clamp an out-of-range index."""
+    if data.labels is None or not model.output_names:
+        return
+    shape = model.shapes.get(model.output_names[0])
+    classes = shape[-1] if shape and isinstance(shape[-1], int) else None
+    lo, hi = int(data.labels.min()), int(data.labels.max())
+    if lo < 0 or (classes is not None and hi >= classes):
+        raise SpaError(f"labels range over {lo}..{hi}, but the model's first output "
+                       f"{model.output_names[0]!r} has {classes} classes", file=spec)
 
 
 def _subset(data: TrainData, limit: int | None, seed: int) -> TrainData:
@@ -428,9 +443,11 @@ class Result:
     recalibrated: list[str]            # BN running statistics recomputed
     notes: list[str]
     seconds: float
+    settings: dict = field(default_factory=dict)   # what the defaults resolved to
 
     def to_json(self) -> dict:
-        return {"history": self.history, "accuracy_before": self.accuracy_before,
+        return {"settings": self.settings, "history": self.history,
+                "accuracy_before": self.accuracy_before,
                 "accuracy_after": self.accuracy_after, "trained_parameters": len(self.trained),
                 "recalibrated_statistics": len(self.recalibrated), "notes": self.notes,
                 "seconds": round(self.seconds, 2)}
@@ -553,6 +570,9 @@ def finetune(model, data: TrainData, cfg: Config, *, teacher=None, log=print) ->
     def loss_fn(p, feeds, labels, t_out):
         outs = engine.forward({**frozen, **p}, feeds)
         s = outs[0]
+        if not jnp.issubdtype(s.dtype, jnp.floating):
+            raise SpaError(f"the first output {model.output_names[0]!r} is {s.dtype}, not "
+                           "float scores: nothing to train on", file=model.path)
         loss, acc = 0.0, jnp.float32(0)
         if labels is not None and _classifier(s.shape):
             logp = jax.nn.log_softmax(s.astype(jnp.float32))
@@ -565,12 +585,12 @@ def finetune(model, data: TrainData, cfg: Config, *, teacher=None, log=print) ->
                            "distil instead", file=model.path)
         if t_out is not None and alpha > 0:
             if _classifier(s.shape):
-                pt = jax.nn.softmax(t_out[0] / T)
-                kl = jnp.sum(pt * (jnp.log(pt + 1e-12) - jax.nn.log_softmax(s / T)), axis=1)
+                logpt = jax.nn.log_softmax(t_out[0] / T)
+                kl = jnp.sum(jnp.exp(logpt) * (logpt - jax.nn.log_softmax(s / T)), axis=1)
                 loss = loss + alpha * T * T * jnp.mean(kl)
             else:
-                mse = sum(jnp.mean((o.astype(jnp.float32) - t) ** 2)
-                          for o, t in zip(outs, t_out))
+                mse = sum(jnp.mean((o - t) ** 2) for o, t in zip(outs, t_out)
+                          if jnp.issubdtype(o.dtype, jnp.floating))
                 loss = loss + alpha * mse
         return loss, acc
 
@@ -648,6 +668,10 @@ def finetune(model, data: TrainData, cfg: Config, *, teacher=None, log=print) ->
                                                                         cfg)
     if not history and acc_after is not None:
         log(f"test accuracy after recalibration: {100 * acc_after:.2f}%")
+    settings = {"lr": cfg.learning_rate, "weight_decay": cfg.wd, "batch": batch,
+                "steps_per_epoch": steps_per_epoch, "samples": n, "kd_alpha": alpha,
+                "loss": ("kd" if alpha == 1 else "ce" if alpha == 0 else
+                         f"{alpha:g}*kd + {1 - alpha:g}*ce")}
     return Result(proto_now, history, acc_before, acc_after, sorted(trainable),
                   sorted(s for st in stats for s in (st.mean_init, st.var_init)), notes,
-                  time.monotonic() - t0)
+                  time.monotonic() - t0, settings)

@@ -101,6 +101,7 @@ def test_training_from_random_weights(work):
     assert len(losses) == 4 and losses[-1] < 0.5 * losses[0], losses
     assert rep["accuracy_before"] < 0.4
     assert rep["accuracy_after"] > 0.85, rep
+    assert rep["settings"]["loss"] == "ce" and rep["settings"]["steps_per_epoch"] == 1500 // 64
     # the accuracy in the report is the written model's, measured again with ONNX Runtime
     assert accuracy(work / "trained.onnx", work / "test.npz") == pytest.approx(
         rep["accuracy_after"])
@@ -137,6 +138,7 @@ def test_prune_then_finetune_with_distillation(work, tmp_path):
     assert rep["accuracy_before"] == pytest.approx(acc_pruned)
     assert rep["accuracy_after"] > acc_pruned + 0.5 * (acc_trained - acc_pruned), rep
     assert rep["history"][-1]["loss"] < rep["history"][0]["loss"]
+    assert rep["settings"]["loss"] == "0.5*kd + 0.5*ce"
     # the output has the pruned graph (narrower tensors), not the original's
     assert strip_values(onnx.load(str(tmp_path / "ft.onnx"))).SerializeToString(
         deterministic=True) == strip_values(onnx.load(str(tmp_path / "pruned.onnx"))) \
@@ -215,6 +217,12 @@ def test_errors(work, tmp_path, capsys):
     assert cli("finetune", work / "random.onnx", "--data", tmp_path / "wrong.npz",
                "--epochs", 1, "-o", out) == 3
     assert "'pixels'" in capsys.readouterr().err
+    # labels outside the model's 10 classes
+    np.savez(tmp_path / "labels.npz", image=np.zeros((4, 1, 8, 8), np.float32),
+             labels=np.array([0, 1, 2, 12]))
+    assert cli("finetune", work / "random.onnx", "--data", tmp_path / "labels.npz",
+               "--epochs", 1, "-o", out) == 3
+    assert "10 classes" in capsys.readouterr().err
     # not a model
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00garbage")
