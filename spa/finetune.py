@@ -297,26 +297,34 @@ class BNStat:
     batch_var: str
 
 
-def batch_stats_graph(model) -> tuple[onnx.ModelProto, list[BNStat]]:
+def batch_stats_graph(model) -> tuple[onnx.ModelProto, list[BNStat], list[str]]:
     """A copy of the model in which every inference BatchNormalization whose parameters
     are initializers normalises with the mean and (biased) variance of the batch it sees,
     as in training. The BN node itself stays (same name, gamma and beta the same
     initializers, same output): only its mean and variance inputs now come from two
     ReduceMean nodes over every axis but the channel axis. Those batch statistics are
-    graph tensors, listed in the returned BNStat records (for recalibration)."""
+    graph tensors, listed in the returned BNStat records (for recalibration). Also returns
+    the names of the BatchNormalizations left as they are (statistics computed at run time
+    or shared with another node, unknown input rank, training-mode nodes)."""
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     g = proto.graph
-    inits = {t.name for t in g.initializer}
     opset = model.opset
-    nodes, stats, axes_made = [], [], set()
+    nodes, stats, skipped, axes_made = [], [], [], set()
     for k, node in enumerate(g.node):
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
         r = model.rank(node.input[0]) if node.input else None
-        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or \
-                len(node.input) < 5 or len([o for o in node.output if o]) != 1 or \
-                r is None or r < 2 or not all(t in inits for t in node.input[1:5]) or \
+        # statistics written back must belong to this BN alone (exporters deduplicate
+        # equal constants: two fresh BNs may share one all-zero mean)
+        shared = len(node.input) >= 5 and (node.input[3] == node.input[4] or any(
+            len(model.consumers.get(t, [])) != 1 for t in node.input[3:5]))
+        if len(node.input) < 5 or len([o for o in node.output if o]) != 1 or shared or \
+                r is None or r < 2 or not all(t in model.consts for t in node.input[1:5]) or \
                 any(a.name == "training_mode" and a.i for a in node.attribute):
             nodes.append(node)
+            skipped.append(model.node_name(node))
             continue
         axes = [0] + list(range(2, r))
         p = f"{node.output[0]}{TAG}{k}"
@@ -344,7 +352,7 @@ def batch_stats_graph(model) -> tuple[onnx.ModelProto, list[BNStat]]:
     del g.node[:]
     g.node.extend(nodes)
     del g.value_info[:]
-    return proto, stats
+    return proto, stats, skipped
 
 
 def recalibrate(train_proto: onnx.ModelProto, stats: list[BNStat], inputs: dict, n: int,
@@ -543,7 +551,11 @@ def finetune(model, data: TrainData, cfg: Config, *, teacher=None, log=print) ->
     # the graph that is trained, and the statistics that are recomputed
     stats: list[BNStat] = []
     if cfg.bn == "batch":
-        train_proto, stats = batch_stats_graph(model)
+        train_proto, stats, skipped = batch_stats_graph(model)
+        if skipped:
+            notes.append(f"{len(skipped)} BatchNormalization(s) keep their stored statistics "
+                         f"(statistics computed or shared with other nodes, unknown rank, training mode): "
+                         f"{', '.join(skipped[:5])}")
     else:
         train_proto = model.proto
     if stats:

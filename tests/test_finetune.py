@@ -303,3 +303,37 @@ def test_augment_crop_and_flip():
     n = ft.augment(x.transpose(0, 2, 3, 1), 3, "crop-flip", np.random.default_rng(2))
     np.testing.assert_array_equal(n.transpose(0, 3, 1, 2),
                                   ft.augment(x, 1, "crop-flip", np.random.default_rng(2)))
+
+
+@pytest.mark.parametrize("opset", [17, 18])   # ReduceMean axes: attribute / input
+def test_batch_statistics_graph(opset):
+    """The trained graph's BNs normalise with the batch's statistics (checked against numpy
+    in ONNX Runtime); BNs whose statistics are shared with another node are left alone."""
+    from spa.activations import with_outputs
+    from spa.ir.model import from_proto
+    from spa.runtime import session_for
+    g = G(opset=opset, seed=1)
+    x = g.input(["N", 3, 5, 5], name="x")
+    y = g.bn(g.conv(x, 3, 4, k=1), 4)
+    mean, var = g.w(4), g.w(4, positive=True)              # shared by two BNs
+    a = g.op("BatchNormalization", [y, g.w(4), g.w(4), mean, var], epsilon=1e-3)
+    b = g.op("BatchNormalization", [y, g.w(4), g.w(4), mean, var])
+    g.output(g.op("Add", [a, b]))
+    model = from_proto(g.model())
+    proto, stats, skipped = ft.batch_stats_graph(model)
+    assert len(stats) == 1 and len(skipped) == 2
+    bn = [n for n in model.proto.graph.node if n.op_type == "BatchNormalization"][0]
+    xv = np.random.default_rng(0).standard_normal((6, 3, 5, 5)).astype(np.float32) * 3 + 1
+    names = [bn.input[0], bn.output[0], stats[0].batch_mean, stats[0].batch_var]
+    h, out, m, v = session_for(with_outputs(proto, names)).run(names, {"x": xv})
+    c = model.consts
+    ref_m, ref_v = h.mean(axis=(0, 2, 3)), h.var(axis=(0, 2, 3))
+    np.testing.assert_allclose(m, ref_m, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(v, ref_v, rtol=1e-4, atol=1e-5)
+    sh = (1, 4, 1, 1)
+    ref = (h - ref_m.reshape(sh)) / np.sqrt(ref_v.reshape(sh) + 1e-5) * \
+        c[bn.input[1]].reshape(sh) + c[bn.input[2]].reshape(sh)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    # the shared-statistics BNs read the stored tensors, as before
+    for n in proto.graph.node[-3:-1]:
+        assert n.op_type == "BatchNormalization" and list(n.input[3:5]) == [mean, var]
