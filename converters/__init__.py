@@ -12,7 +12,10 @@ imports converters.
   jax2onnx; initializers named after the parameters by probing the exporter),
   ``apply_plan`` (shrink the nnx module's variables and layer widths in place),
   ``convert`` / ``cli_main`` (what ``spa convert jax`` runs).
-- Keras/TensorFlow: not yet (docs/frameworks.md).
+- ``converters.keras`` — Keras 3 / TensorFlow: ``export`` (a Keras model, a ``.keras`` file
+  or a SavedModel directory through tf2onnx; dynamic batch, opset 18, initializers named
+  after the Keras variables they hold), ``check_outputs`` (Keras vs ONNX Runtime),
+  ``cli_main`` (what ``spa convert keras`` runs). No map-back (docs/frameworks.md).
 """
 
-FRAMEWORKS = ("torch", "jax")
+FRAMEWORKS = ("torch", "jax", "keras")

@@ -1,7 +1,7 @@
 """Keras 3 / TensorFlow: export a model to ONNX with tf2onnx.
 
 ``export(model, path)`` takes a Keras model object, a saved ``.keras`` file or a TensorFlow
-SavedModel directory (``model.export(dir)`` or ``tf.saved_model.save``) and writes an ONNX
+SavedModel directory (``model.export(dir)``) and writes an ONNX
 file whose batch axis is dynamic (``batch``) and whose opset is 18 unless asked otherwise.
 ``cli_main`` is what ``spa convert keras MODEL -o OUT.onnx [--opset N]`` runs.
 
@@ -10,28 +10,36 @@ tensorflow 2.21, keras 3.15, tf2onnx 1.17; docs/frameworks.md has the details):
 
 * **Freezing and grappler.** tf2onnx traces the model into a ``tf.function``, freezes the
   variables into constants and runs TensorFlow's grappler (``constfold``, ``function``,
-  ``dependency``) before converting. Constant folding *folds inference BatchNorm into the
-  preceding convolution or Dense layer* (``.../merged_input``: W·γ/σ, the shift added to the
-  bias) and removes additions of all-zero biases. This cannot be switched off through
-  tf2onnx's API and we do not patch it: the result is the deployment graph (BN folded),
-  which is what one would ship and what SPA prunes equally well. BN parameters therefore do
-  not appear in the ONNX file.
+  ``dependency``) before converting. Keras' inference BatchNorm is a multiply and an add;
+  constant folding *folds the multiply into a preceding bias-free convolution* (the usual
+  ``Conv2D(use_bias=False)`` → BN idiom: the kernel becomes W·γ/σ, named
+  ``.../merged_input``) and the shift becomes that conv's bias. After a conv with a bias the
+  BN stays as a per-channel ``Mul`` and ``Add``. Additions of all-zero biases are removed.
+  This cannot be switched off through tf2onnx's API and we do not patch it: the result is
+  the deployment graph, which is what one would ship and what SPA prunes equally well (a
+  folded BN is exact for the oracle). BN parameters therefore do not appear in the file.
 * **Layout.** Keras is channels-last (NHWC); ONNX's Conv is NCHW. tf2onnx wraps every conv in
   Transposes and its ``optimize_transpose`` pass pushes them through element-wise ops,
-  pooling, Add, Concat … and cancels pairs, so a CNN keeps one Transpose after the input
-  and one before a Flatten / at the output (a NHWC Flatten ordering is kept: the Dense after
-  it reads features in (h, w, c) order, which SPA's Reshape rule understands).
-  ``inputs_as_nchw=True`` makes the ONNX input NCHW instead (tf2onnx then cancels the first
-  Transpose too) -- convenient for data that is stored NCHW (models/train_keras.py uses it
-  so that ``spa eval fashion-mnist`` and the torch models' calibration file fit).
-* **Other optimizer passes** (all of tf2onnx's default list is kept): constant folding
-  (kernels transposed HWIO→OIHW become plain initializers), identity removal,
-  back-to-back (Conv + BatchNormalization fusion when a fused BN op survives), reshape and
-  global-pool simplification, and *merge_duplication*, which merges constants with equal
-  bytes. That last one matters for SPA only when two *parameters* are exactly equal (an
-  untrained model's zero biases or unit scales): they become one initializer and SPA would
-  couple the layers that read it. Trained weights are never equal; the zoo models use
-  random non-trivial values for the same reason.
+  pooling, Add … and cancels pairs, so a CNN keeps one Transpose after the input and one
+  before its Flatten or global pooling. A Flatten stays in NHWC order: the Dense after it
+  reads features in (h, w, c) order, so channel c owns every C-th row -- SPA's Reshape rule
+  couples exactly those. ``inputs_as_nchw=True`` makes the ONNX input NCHW instead (the
+  first Transpose then cancels) -- convenient for data stored NCHW (models/train_keras.py
+  uses it so that ``spa eval fashion-mnist`` and the shared calibration file fit).
+* **Other optimizer passes.** tf2onnx's default list is kept -- constant folding (kernels
+  transposed HWIO→OIHW become plain initializers), identity removal, back-to-back (Conv +
+  BatchNormalization fusion when a fused BN op survives), reshape, global-pool and Einsum
+  simplification -- *except merge_duplication*, which merges constants with equal bytes
+  into one. For SPA that is harmful when two *parameters* happen to be equal (an untrained
+  model's zero biases or unit scales): they become one initializer and SPA would couple the
+  channels of the unrelated layers that read it. It also picks the surviving name by
+  chance, which made the output differ from run to run. Without it the graphs of the zoo
+  have the same nodes; only small shape constants stay duplicated.
+* **Determinism.** tf2onnx numbers the names it makes with a process-wide counter and its
+  Einsum lowering (``keras.layers.MultiHeadAttention``) names and orders nodes by Python
+  object ids: the counter is restarted for every export, and the graph is put into a
+  canonical order with canonical names (``_canonical_graph``). The same model gives the
+  same bytes, in one process and across processes.
 * **Names.** tf2onnx names an initializer after the TF tensor it came from
   (``functional_1/fc_1/Cast/ReadVariableOp:0``). After conversion we rename each
   initializer that holds *exactly* one Keras variable's values -- as stored, or in ONNX's
@@ -87,7 +95,7 @@ def _quiet_loggers():
 
 
 def load_model(source):
-    """A Keras model object (returned as is), a ``.keras`` / ``.h5`` file (loaded with
+    """A Keras model object (returned as is), a ``.keras`` file (loaded with
     ``keras.saving.load_model``, no compilation) or a SavedModel directory (returned as the
     loaded ``tf.saved_model`` object). Errors name the file."""
     if not isinstance(source, (str, os.PathLike)):
@@ -108,9 +116,9 @@ def load_model(source):
         except Exception as exc:  # noqa: BLE001 - TF raises many types for bad files
             raise SpaError(f"cannot load the SavedModel ({type(exc).__name__}: "
                            f"{_first_line(exc)})", file=str(path)) from None
-    if path.suffix not in (".keras", ".h5", ".hdf5"):
+    if path.suffix != ".keras":
         raise UsageError(f"unknown model file type {path.suffix!r}: expected a .keras file "
-                         "(model.save), an .h5 file or a SavedModel directory", file=str(path))
+                         "(model.save) or a SavedModel directory (model.export)", file=str(path))
     import keras
     try:
         with _quiet_loggers():
@@ -178,6 +186,25 @@ def _erfc_as_one_minus_erf(ctx, node, name, args):
 # TF ops that tf2onnx does not convert but we do: {tf op: (handler, [onnx op])}.
 CUSTOM_OP_HANDLERS = {"Erfc": (_erfc_as_one_minus_erf, ["Erf"])}
 
+# tf2onnx's optimizer passes that we leave out (see the module docstring).
+SKIPPED_OPTIMIZERS = ("merge_duplication",)
+
+
+@contextlib.contextmanager
+def _optimizers():
+    """tf2onnx's default optimizer list without SKIPPED_OPTIMIZERS. ``from_keras`` takes the
+    list as an argument, ``from_function`` (SavedModels) does not: the module-level default
+    is swapped for the duration of the call."""
+    import tf2onnx.optimizer as opt
+
+    default = opt._optimizers   # noqa: SLF001 - tf2onnx 1.17's only handle on the list
+    chosen = type(default)((k, v) for k, v in default.items() if k not in SKIPPED_OPTIMIZERS)
+    opt._optimizers = chosen
+    try:
+        yield chosen
+    finally:
+        opt._optimizers = default
+
 
 def _convert(model, opset: int, inputs_as_nchw: bool, dynamic_batch: bool, input_signature):
     import tensorflow as tf
@@ -188,7 +215,7 @@ def _convert(model, opset: int, inputs_as_nchw: bool, dynamic_batch: bool, input
     # the same model gives the same names on every call (see also _canonical_graph).
     tf2onnx.utils.INTERNAL_NAME = 1
     nchw = None
-    with _quiet_loggers(), contextlib.redirect_stdout(io.StringIO()):
+    with _quiet_loggers(), contextlib.redirect_stdout(io.StringIO()), _optimizers() as opts:
         if isinstance(model, tf.types.experimental.ConcreteFunction) or (
                 not hasattr(model, "inputs") and hasattr(model, "signatures")):
             fn = model if hasattr(model, "structured_input_signature") else \
@@ -220,7 +247,7 @@ def _convert(model, opset: int, inputs_as_nchw: bool, dynamic_batch: bool, input
         if inputs_as_nchw:
             nchw = [s.name + ":0" for s in specs]
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=specs, opset=opset,
-                                              inputs_as_nchw=nchw,
+                                              inputs_as_nchw=nchw, optimizers=opts,
                                               custom_op_handlers=dict(CUSTOM_OP_HANDLERS))
         return proto, model
 
@@ -248,13 +275,19 @@ def export(model, path, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = Tru
     if not path.parent.is_dir():
         raise UsageError("the output directory does not exist", file=str(path))
     source = model
+    if isinstance(source, (str, os.PathLike)) and path.exists() and Path(source).exists() \
+            and os.path.samefile(path, source):
+        raise UsageError("the output path is the input model; it is never overwritten",
+                         file=str(path))
     model = load_model(model)
     label = str(source) if isinstance(source, (str, os.PathLike)) else \
         f"keras model {getattr(model, 'name', type(model).__name__)!r}"
     try:
         proto, keras_model = _convert(model, min(opset, TF2ONNX_MAX_OPSET), inputs_as_nchw,
                                       dynamic_batch, input_signature)
-    except SpaError:
+    except SpaError as exc:
+        if exc.file is None:
+            raise type(exc)(exc.reason, file=label) from None
         raise
     except Exception as exc:  # noqa: BLE001 - tf2onnx / TF raise anything
         raise SpaError(f"tf2onnx could not convert the model ({type(exc).__name__}: "
