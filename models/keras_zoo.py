@@ -189,6 +189,7 @@ def export(name: str, path) -> Path:
     """Build zoo model `name` and export it to ONNX at `path` (opset 18, batch dynamic)."""
     from converters.keras import export as export_keras
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     path = export_keras(build(name), Path(path))
     path.with_name(path.name + ".fingerprint").write_text(_fingerprint() + "\n")
     return path
@@ -220,5 +221,4 @@ def cached_export(name: str, cache_dir=None, force: bool = False) -> Path:
     if (not force and path.is_file() and path.stat().st_mtime > newest and side.is_file()
             and side.read_text().strip() == _fingerprint()):
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     return export(name, path)
