@@ -225,8 +225,8 @@ def table(rows: list[dict]) -> str:
             spa_oracle, spa_kept = f"**error**: {r['spa_error']}", "–"
         else:
             spa_oracle = ("pass" if r["spa_oracle"] else "**FAIL**") + \
-                ("" if r["spa_exact"] else " (exact groups; approximate groups deviate "
-                 f"{r['spa_max_rel_error']:.2g})")
+                ("" if r["spa_exact"] else " (exact-only plan; the full plan also prunes "
+                 f"norm-coupled groups: deviation {r['spa_max_rel_error']:.2g})")
             spa_kept = f"{r['spa_params_after'] / r['spa_params_before']:.1%}"
         err = (r.get("tp_error") or "").replace("|", "\\|")
         if len(err) > 160:
