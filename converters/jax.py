@@ -4,9 +4,11 @@ onto the module's parameters.
 Export (``export``) runs ``jax2onnx.to_onnx`` on an eval-mode clone of the module with these
 settings (checked with jax 0.10.2 / flax 0.12.8 / jax2onnx 0.17.1, see docs/frameworks.md):
 
-* opset 18 by default (jax2onnx's own default is 23). 18 is what the torch converter uses,
-  has ``LayerNormalization`` and the axes-as-input reductions, and every ONNX Runtime runs
-  it; jax2onnx exports the zoo at every opset from 13 to 23 (docs/frameworks.md).
+* opset 18 by default (jax2onnx's own default is 23): the lowest opset at which jax2onnx
+  0.17.1 writes valid graphs for the whole zoo (below it, it still writes ReduceMean and
+  Squeeze with axes inputs; such a graph is refused with that reason), what the torch
+  converter uses, and every ONNX Runtime runs it (docs/frameworks.md has the per-opset
+  results).
 * a dynamic batch axis: axis 0 of every input is the symbol ``batch``.
 * ``normalization_mode="auto"`` (jax2onnx's default): LayerNorm is written out as
   ReduceMean/Sub/Div…, which SPA couples like the native op (an approximate group).
@@ -497,10 +499,27 @@ def to_onnx(module, inputs, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool =
             record["note"] = exp.note
     else:
         proto = _trace(module, settings)
+    _check_valid(proto, opset)
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = RECORD_KEY, json.dumps(record, sort_keys=True)
     return proto
+
+
+def _check_valid(proto, opset: int) -> None:
+    """jax2onnx 0.17.1 writes some ops in their newest form whatever the opset (ReduceMean
+    with an axes input below 18, Squeeze with an axes input below 13): refuse such a graph
+    here, with the reason, rather than write a file nothing can load."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        hint = (" -- jax2onnx writes some ops in their opset-18 form whatever the opset: "
+                "export with opset 18 or higher" if opset < 18 else "")
+        raise SpaError(f"jax2onnx wrote an invalid ONNX graph at opset {opset} "
+                       f"({first}){hint}") from None
 
 
 def export(module, inputs, path, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
