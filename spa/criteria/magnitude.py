@@ -141,7 +141,7 @@ CRITERIA = {c.name: c for c in (L1, L2, BN_SCALE, RANDOM, FPGM, LAMP)}
 
 
 def score(analysis, criterion: str = "l2", seed: int = 0) -> list[np.ndarray]:
-    """Importance of every channel of every group (higher = keep); kept for callers of the
-    old module-level API (spa.criteria.score is the general entry point)."""
+    """Importance of every channel of every group (higher = keep), for obspa's fallback on
+    groups no layer reads (spa.criteria.score is the general entry point)."""
     from . import score as _score
     return _score(analysis, criterion, seed=seed)
