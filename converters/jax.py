@@ -121,8 +121,8 @@ def input_specs(inputs, dynamic_batch: bool = True) -> list[tuple[tuple, str]]:
     """
     if hasattr(inputs, "shape") and hasattr(inputs, "dtype"):
         inputs = [inputs]
-    elif isinstance(inputs, tuple) and inputs and all(isinstance(d, (int, np.integer))
-                                                      for d in inputs):
+    elif isinstance(inputs, (tuple, list)) and inputs and \
+            all(isinstance(d, (int, np.integer)) for d in inputs):
         inputs = [inputs]
     out = []
     for spec in inputs:
