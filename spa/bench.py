@@ -62,9 +62,16 @@ def make_session(proto, provider: str = "cpu", threads: int = 0, spin: bool = Fa
     if profile:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile
-    data = proto if isinstance(proto, (bytes, str)) else proto.SerializeToString()
+    keep = []
+    if isinstance(proto, (bytes, str)):
+        data = proto
+    else:
+        from .runtime import add_external_initializers
+        proto, keep = add_external_initializers(proto, opts)  # weights in external files
+        data = proto.SerializeToString()
     try:
         s = ort.InferenceSession(data, opts, providers=PROVIDERS[provider])
+        s._spa_external = keep
     except Exception as exc:  # noqa: BLE001 - ORT's own message says what is wrong
         raise SpaError(f"ONNX Runtime cannot load the model on {provider} "
                        f"({type(exc).__name__}: {exc})")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.sparse import csr_matrix
 
+from .ir.model import is_float
 from .ops import registry
 from .ops.registry import Node
 
@@ -37,8 +38,9 @@ def _size(shape) -> int:
 
 
 def _param_names(model) -> list[str]:
-    return [name for name, arr in model.consts.items()
-            if np.issubdtype(arr.dtype, np.floating) and name in model.consumers]
+    dtype_of = getattr(model.consts, "dtype_of", lambda n: model.consts[n].dtype)
+    return [name for name in model.consts  # (weights in external files are not read)
+            if is_float(dtype_of(name)) and name in model.consumers]
 
 
 def _activation_names(model) -> list[str]:
@@ -52,7 +54,8 @@ def _activation_names(model) -> list[str]:
 
 def params(model) -> int:
     """Elements of floating-point constants that some node reads (the weights)."""
-    return sum(int(model.consts[name].size) for name in _param_names(model))
+    shape = getattr(model.consts, "shape", lambda n: model.consts[n].shape)
+    return sum(int(np.prod(shape(name), dtype=np.int64)) for name in _param_names(model))
 
 
 def macs(model) -> int:

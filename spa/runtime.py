@@ -12,14 +12,38 @@ _NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
        TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.BOOL: np.bool_}
 
 
-def session_for(proto: onnx.ModelProto, providers: list[str] | None = None, threads: int = 0):
+def session_for(proto: onnx.ModelProto, providers: list[str] | None = None, threads: int = 0,
+                optimize: bool = True):
+    """An InferenceSession on an in-memory model. Weights SPA holds in external data files
+    (spa.ir.external) are handed to ONNX Runtime to use in place. `optimize=False` runs the
+    graph as written (no fusions: e.g. QDQ pairs are not turned into QLinear kernels)."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # failures surface as exceptions, not log spam
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(proto.SerializeToString(), opts,
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    proto, keep = add_external_initializers(proto, opts)
+    sess = ort.InferenceSession(proto.SerializeToString(), opts,
                                 providers=providers or ["CPUExecutionProvider"])
+    sess._spa_external = keep  # ONNX Runtime reads these buffers: keep them alive
+    return sess
+
+
+def add_external_initializers(proto: onnx.ModelProto, opts) -> tuple:
+    """Give ONNX Runtime the weights SPA holds by reference (spa.ir.external), to use in
+    place (no prepacking copies either): returns the model to serialise and what must
+    outlive the session."""
+    from .ir.external import ort_initializers
+    proto, folder, names, values = ort_initializers(proto)
+    if names:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      folder)
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        for name, (v, _) in zip(names, values):
+            opts.add_initializer(name, v)
+    return proto, values
 
 
 def index_bound(model, name: str) -> int | None:
@@ -67,6 +91,10 @@ def dummy_inputs(model, *, sym_value: int = 2, seed: int = 0, batch: int | None 
         if shapes and v.name in shapes:
             dims = list(shapes[v.name])
         dtype = _NP.get(tt.elem_type)
+        if tt.elem_type == TensorProto.BFLOAT16:  # (ml_dtypes; spa.verify runs float32 twins)
+            feeds[v.name] = rng.standard_normal(dims).astype(
+                onnx.helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16))
+            continue
         if dtype is None:
             raise SpaError(f"graph input {v.name!r} has an unsupported element type "
                            f"{onnx.TensorProto.DataType.Name(tt.elem_type)}", file=model.path)

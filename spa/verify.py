@@ -14,12 +14,16 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, TensorProto
 
+from .ir.external import materialize, np_dtype
 from .runtime import dummy_inputs, session_for
 
+_BF16 = np_dtype(TensorProto.BFLOAT16)
 _MASKABLE = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
              TensorProto.FLOAT16: np.float16, TensorProto.INT64: np.int64,
-             TensorProto.INT32: np.int32}
+             TensorProto.INT32: np.int32, TensorProto.BFLOAT16: _BF16}
 TOLERANCE = 1e-5
+#: ops after which ONNX Runtime's fusions change the arithmetic (QDQ -> QLinear kernels)
+_QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 
 
 @dataclass
@@ -30,6 +34,7 @@ class VerifyResult:
     outputs: dict = field(default_factory=dict)
     tolerance: float = TOLERANCE
     approximate_groups: list = field(default_factory=list)
+    notes: list = field(default_factory=list)  # how the models were run, when not plainly
 
     @property
     def passed(self) -> bool | None:
@@ -41,7 +46,8 @@ class VerifyResult:
     def to_json(self) -> dict:
         return {"exact": self.exact, "passed": self.passed, "tolerance": self.tolerance,
                 "max_rel_error": self.max_rel_error, "max_rel_change": self.max_rel_change,
-                "approximate_groups": self.approximate_groups, "outputs": self.outputs}
+                "approximate_groups": self.approximate_groups, "outputs": self.outputs,
+                **({"notes": self.notes} if self.notes else {})}
 
 
 def masked_model(model, kept: dict) -> onnx.ModelProto:
@@ -102,17 +108,91 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a[ok] - b[ok]).max() / scale)
 
 
+def _graphs(g: onnx.GraphProto):
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    yield from _graphs(sg)
+
+
+_DTYPE_ATTRS = ("to", "dtype", "output_dtype")
+
+
+def _uses_bfloat16(proto: onnx.ModelProto) -> bool:
+    for g in _graphs(proto.graph):
+        if any(t.data_type == TensorProto.BFLOAT16 for t in g.initializer):
+            return True
+        if any(v.type.tensor_type.elem_type == TensorProto.BFLOAT16
+               for v in list(g.input) + list(g.output) + list(g.value_info)):
+            return True
+        for n in g.node:
+            for a in n.attribute:
+                if (a.type == onnx.AttributeProto.INT and a.name in _DTYPE_ATTRS and
+                        a.i == TensorProto.BFLOAT16) or \
+                        (a.type == onnx.AttributeProto.TENSOR and
+                         a.t.data_type == TensorProto.BFLOAT16):
+                    return True
+    return False
+
+
+def float32_twin(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every bfloat16 tensor, type and cast made float32. ONNX Runtime has
+    few bfloat16 kernels on CPU; bfloat16 -> float32 is exact, so the twins of the
+    original, the masked original and the pruned model compare the same structure."""
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+
+    def up(t: onnx.TensorProto) -> None:
+        if t.data_type == TensorProto.BFLOAT16:
+            arr = numpy_helper.to_array(materialize(t)).astype(np.float32)
+            nt = numpy_helper.from_array(arr, t.name)
+            t.CopyFrom(nt)
+
+    for g in _graphs(m.graph):
+        for t in g.initializer:
+            up(t)
+        for v in list(g.input) + list(g.output) + list(g.value_info):
+            if v.type.tensor_type.elem_type == TensorProto.BFLOAT16:
+                v.type.tensor_type.elem_type = TensorProto.FLOAT
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.INT and a.name in _DTYPE_ATTRS and \
+                        a.i == TensorProto.BFLOAT16:
+                    a.i = TensorProto.FLOAT
+                elif a.type == onnx.AttributeProto.TENSOR:
+                    up(a.t)
+    return m
+
+
 def verify(model, pruned: onnx.ModelProto, analysis, plan, *, seed: int = 0,
            batches: int = 2, input_shapes: dict | None = None) -> VerifyResult:
     kept = plan.kept_indices(analysis)
     approx = plan.touches_approximate(analysis)
-    s_orig = session_for(model.proto)
-    s_mask = session_for(masked_model(model, kept))
-    s_pruned = session_for(pruned)
+    notes = []
+    twin = _uses_bfloat16(model.proto)
+    prep = float32_twin if twin else (lambda p: p)
+    if twin:
+        notes.append("bfloat16 model: compared as float32 twins (bfloat16 -> float32 is "
+                     "exact; ONNX Runtime has few bfloat16 kernels on CPU)")
+    optimize = not any(n.op_type in _QDQ for g in _graphs(model.graph) for n in g.node)
+    if not optimize:
+        notes.append("quantize/dequantize nodes: run without ONNX Runtime graph optimisations "
+                     "(its QDQ fusions are not bit-exact, and the masks would block them in "
+                     "one model only)")
+    s_orig = session_for(prep(model.proto), optimize=optimize)
+    s_mask = session_for(prep(masked_model(model, kept)), optimize=optimize)
+    s_pruned = session_for(prep(pruned), optimize=optimize)
     names = [o.name for o in s_orig.get_outputs()]
     worst, change, per = 0.0, 0.0, {}
     for b in range(batches):
         feeds = dummy_inputs(model, seed=seed + b, sym_value=2, shapes=input_shapes)
+        if twin:
+            feeds = {k: v.astype(np.float32) if v.dtype == _BF16 else v
+                     for k, v in feeds.items()}
         o = s_orig.run(names, feeds)
         m = s_mask.run(names, feeds)
         p = s_pruned.run(names, feeds)
@@ -122,4 +202,4 @@ def verify(model, pruned: onnx.ModelProto, analysis, plan, *, seed: int = 0,
                          "rel_change": max(ch, per.get(name, {}).get("rel_change", 0.0))}
             worst, change = max(worst, e), max(change, ch)
     return VerifyResult(exact=not approx, max_rel_error=worst, max_rel_change=change,
-                        outputs=per, approximate_groups=approx)
+                        outputs=per, approximate_groups=approx, notes=notes)

@@ -17,6 +17,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from ..errors import SpaError
+from ..ir.model import is_float
 from ..ops import registry
 from ..ops.registry import Node
 
@@ -418,7 +419,7 @@ def _resolve(model, c: Coupler, opaque: list[dict]) -> Analysis:
     has_param = np.zeros(n_comp, bool)
     for d, key in enumerate(c.keys):
         if key[0] != "~virtual" and key[0] in model.consts and \
-                np.issubdtype(model.consts[key[0]].dtype, np.floating):
+                is_float(model.consts.dtype_of(key[0])):  # (bfloat16 too; nothing read)
             has_param[comp[d]] = True
 
     prods = c.products

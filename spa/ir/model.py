@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import tempfile
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,18 +22,71 @@ import onnx
 from onnx import numpy_helper, TensorProto
 
 from ..errors import SpaError
+from . import external
+from .external import ExternalTensor, Pending
 
 MIN_OPSET, MAX_OPSET = 11, 23
 #: refuse tensors that declare more elements than this before allocating anything
 MAX_TENSOR_ELEMENTS = 1 << 34
 Dim = int | str | None  # static length, symbolic name, or unknown
+#: models whose serialised size exceeds this are written with external data
+#: (environment SPA_EXTERNAL_DATA_THRESHOLD, bytes; protobuf itself stops at 2 GB)
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+#: with external data, tensors of at least this many bytes go to the data file
+EXTERNAL_TENSOR_MIN_BYTES = 1024
+
+
+def is_float(dtype) -> bool:
+    """Floating point, including the ml_dtypes types numpy does not know (bfloat16, float8)."""
+    dtype = np.dtype(dtype)
+    return np.issubdtype(dtype, np.floating) or (
+        dtype.kind == "V" and "float" in dtype.name)
+
+
+class Consts(MutableMapping):
+    """Constants by name. Weights kept in external data files are held by reference
+    (ExternalTensor, Pending) and mapped or computed each time they are read, so that
+    nothing keeps a multi-GB model in memory; `shape` and `dtype_of` never read data."""
+
+    def __init__(self):
+        self._d: dict = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        v = self._d[name]
+        return v.array() if isinstance(v, (ExternalTensor, Pending)) else v
+
+    def __setitem__(self, name: str, value) -> None:
+        self._d[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self._d[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self._d
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def ref(self, name: str):
+        """The ExternalTensor / Pending behind a constant, or None when it is in memory."""
+        v = self._d.get(name)
+        return v if isinstance(v, (ExternalTensor, Pending)) else None
+
+    def shape(self, name: str) -> tuple:
+        return tuple(int(d) for d in self._d[name].shape)
+
+    def dtype_of(self, name: str) -> np.dtype:
+        return self._d[name].dtype
 
 
 @dataclass
 class Model:
     proto: onnx.ModelProto
     path: str | None = None
-    consts: dict[str, np.ndarray] = field(default_factory=dict)
+    consts: Consts = field(default_factory=Consts)
     const_node: dict[str, onnx.NodeProto] = field(default_factory=dict)  # Constant-node consts
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
@@ -72,6 +127,11 @@ class Model:
     def is_const(self, name: str) -> bool:
         return name in self.consts
 
+    @property
+    def streaming(self) -> bool:
+        """Some weights stay in their external data files (see spa.ir.external)."""
+        return any(self.consts.ref(k) is not None for k in self.consts)
+
     def rank(self, name: str) -> int | None:
         s = self.shapes.get(name)
         return None if s is None else len(s)
@@ -86,12 +146,13 @@ class Model:
     def index(self) -> None:
         """(Re)build consts, producers, consumers and topological order; validate structure."""
         g = self.graph
-        self.consts, self.const_node, self.producer, self.consumers = {}, {}, {}, {}
+        self.consts, self.const_node, self.producer, self.consumers = Consts(), {}, {}, {}
         for t in g.initializer:
             _check_tensor_size(self, t)
             if t.name in self.consts:
                 raise self.error(f"initializer {t.name!r} is defined twice")
-            self.consts[t.name] = _to_array(self, t)
+            ref = external.ref_of(t)
+            self.consts[t.name] = ref if ref is not None else _to_array(self, t)
             self.dtypes[t.name] = t.data_type
         known = set(self.consts) | {v.name for v in g.input} | {""}
         self.outer_refs = {}
@@ -179,11 +240,14 @@ def _outer_refs(node: onnx.NodeProto) -> set[str]:
 # loading
 
 
-def load(path: str, *, infer: bool = True) -> Model:
-    """Load and validate an ONNX file (initializers, Constant nodes, external data)."""
+def load(path: str, *, infer: bool = True, stream: bool | None = None) -> Model:
+    """Load and validate an ONNX file (initializers, Constant nodes, external data).
+    External data is memory-mapped, not loaded (`stream`, default: environment SPA_STREAM,
+    else on; False loads every weight into memory): see spa.ir.external."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise SpaError("no such file", file=path)
+    external.protect(path)
     with open(path, "rb") as f:
         data = f.read()
     if not data:
@@ -197,15 +261,15 @@ def load(path: str, *, infer: bool = True) -> Model:
         raise SpaError("the protobuf parsed but holds no ONNX graph (is this an ONNX model?)",
                        file=path)
     model = from_proto(proto, path=path, base_dir=os.path.dirname(os.path.abspath(path)),
-                       infer=infer)
+                       infer=infer, stream=stream)
     return model
 
 
 def from_proto(proto: onnx.ModelProto, *, path: str | None = None, base_dir: str | None = None,
-               infer: bool = True) -> Model:
+               infer: bool = True, stream: bool | None = None) -> Model:
     model = Model(proto=proto, path=path)
     _check_opset(model)
-    _load_external(model, base_dir)
+    _load_external(model, base_dir, _streaming(stream))
     model.index()
     _check_schema(model)
     if infer:
@@ -264,13 +328,23 @@ def _external_tensors(model: Model):
             yield t
 
 
-def _load_external(model: Model, base_dir: str | None) -> None:
-    tensors = list(_external_tensors(model))
+def _streaming(stream: bool | None) -> bool:
+    if stream is None:
+        return os.environ.get("SPA_STREAM", "1").strip().lower() not in ("0", "no", "false",
+                                                                        "off")
+    return bool(stream)
+
+
+def _load_external(model: Model, base_dir: str | None, stream: bool = False) -> None:
+    # tensors SPA already holds by reference (a model it loaded, a pruned model) were
+    # checked when their files were loaded
+    tensors = [t for t in _external_tensors(model) if external.ref_of(t) is None]
     if not tensors:
         return
     if base_dir is None:
         raise model.error("the model has external data but no directory to load it from")
     root = os.path.realpath(base_dir)
+    files = {}
     for t in tensors:
         info = {e.key: e.value for e in t.external_data}
         loc = info.get("location", "")
@@ -293,7 +367,25 @@ def _load_external(model: Model, base_dir: str | None) -> None:
             raise model.error(f"external data file {loc!r} is truncated: tensor {t.name!r} needs "
                               f"bytes {offset}..{offset + need}, the file has "
                               f"{os.path.getsize(full)}")
-    onnx.external_data_helper.load_external_data_for_model(model.proto, root)
+        files[id(t)] = full
+    if not stream:
+        onnx.external_data_helper.load_external_data_for_model(model.proto, root)
+        return
+    # initializers stay in their files (absolute, checked path in memory); anything else
+    # (Constant-node and subgraph tensors, packed 4-bit or string types) is small: load it
+    mapped = {id(t) for t in model.graph.initializer
+              if t.data_type in external.MAPPABLE and sys.byteorder == "little"}
+    for t in tensors:
+        full = files[id(t)]
+        external.register_source(full)
+        if id(t) in mapped:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = full
+        else:
+            onnx.external_data_helper.load_external_data_for_tensor(t, root)
+            t.data_location = TensorProto.DEFAULT
+            del t.external_data[:]
 
 
 _ITEMSIZE = {TensorProto.FLOAT: 4, TensorProto.DOUBLE: 8, TensorProto.FLOAT16: 2,
@@ -303,8 +395,15 @@ _ITEMSIZE = {TensorProto.FLOAT: 4, TensorProto.DOUBLE: 8, TensorProto.FLOAT16: 2
              TensorProto.UINT64: 8}
 
 
+_PACKED = {TensorProto.INT4, TensorProto.UINT4} | (
+    {TensorProto.FLOAT4E2M1} if hasattr(TensorProto, "FLOAT4E2M1") else set())
+
+
 def _tensor_nbytes(t: TensorProto) -> int:
-    return math.prod(t.dims) * _ITEMSIZE.get(t.data_type, 1)
+    n = math.prod(t.dims)
+    if t.data_type in _PACKED:  # two 4-bit values per byte
+        return (n + 1) // 2
+    return n * _ITEMSIZE.get(t.data_type, 1)
 
 
 def _check_tensor_size(model: Model, t: TensorProto) -> None:
@@ -379,7 +478,7 @@ def _skeleton(model: Model) -> onnx.ModelProto:
         small = size <= 64 or (t.data_type in (TensorProto.INT64, TensorProto.INT32)
                                and size <= 4096)
         if small:
-            sg.initializer.append(t)
+            sg.initializer.append(external.materialize(t))
         else:
             sg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     sg.output.extend(g.output)
@@ -388,8 +487,9 @@ def _skeleton(model: Model) -> onnx.ModelProto:
 
 def infer_shapes(model: Model) -> dict[str, tuple]:
     shapes: dict[str, tuple] = {}
-    for name, arr in model.consts.items():
-        shapes[name] = tuple(int(d) for d in arr.shape)
+    for name in model.consts:
+        shapes[name] = model.consts.shape(name) if isinstance(model.consts, Consts) else \
+            tuple(int(d) for d in model.consts[name].shape)
     skeleton = _skeleton(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=True, data_prop=True)
@@ -464,7 +564,7 @@ def _runtime_shapes(model: Model, names: list[str], shapes: dict) -> dict[str, t
             m.graph.output.append(onnx.ValueInfoProto(name=n))
     runs = []
     try:
-        sess = session_for(m)
+        sess = session_for(m, optimize=not model.streaming)  # (no folded copies of weights)
         out_names = [o.name for o in sess.get_outputs()]
         for sym in (2, 4):
             feeds = dummy_inputs(model, sym_value=sym, seed=0)
@@ -516,46 +616,175 @@ def write_text_atomic(path: str, text: str) -> None:
         raise
 
 
-def save_atomic(proto: onnx.ModelProto, path: str, *, external_data: bool | None = None) -> None:
-    """Write next to the target and rename: no partial file survives a failure. Models over
-    1.8 GB are written with external data (one file beside the model)."""
+def external_data_threshold() -> int:
+    """Serialised size above which a model is written with external data (bytes)."""
+    v = os.environ.get("SPA_EXTERNAL_DATA_THRESHOLD")
+    if v is None or not v.strip():
+        return EXTERNAL_DATA_THRESHOLD
+    try:
+        return int(float(v))
+    except ValueError:
+        raise SpaError(f"SPA_EXTERNAL_DATA_THRESHOLD must be a number of bytes, got {v!r}")
+
+
+def save_atomic(proto: onnx.ModelProto, path: str, *, external_data: bool | None = None,
+                threshold: int | None = None) -> None:
+    """Write next to the target and rename: no partial file survives a failure. A model
+    whose weights SPA holds in external files (spa.ir.external), or whose serialised size
+    exceeds `threshold` (default external_data_threshold(): 1.8 GB), is written with
+    external data: the tensors of 1 KiB or more (except shape-sized integer tensors) go to
+    one file beside the model, `<name>.data`, streamed tensor by tensor. Never writes over
+    an input file."""
     path = os.path.abspath(path)
     d = os.path.dirname(path)
     if not os.path.isdir(d):
         raise SpaError("the output directory does not exist", file=path)
+    data_name = os.path.basename(path) + ".data"
+    for p in (path, os.path.join(d, data_name)):
+        if external.is_protected(p):
+            raise SpaError("this is an input file (a model SPA loaded or its external data); "
+                           "SPA never writes over its input", file=p)
+    refs = external.has_refs(proto)
+    if external_data is None:
+        limit = external_data_threshold() if threshold is None else threshold
+        try:
+            size = proto.ByteSize()
+        except Exception:  # (some protobuf builds refuse to size a message over 2 GB)
+            size = limit + 1
+        external_data = refs or size > limit
     data = None
     if not external_data:
+        if refs:  # asked for one file: bring the referenced weights into it
+            proto = _materialized(proto)
         try:
             data = proto.SerializeToString(deterministic=True)
         except ValueError:  # over protobuf's 2 GB limit
-            data = None
-        external_data = data is None or len(data) > 1_800_000_000
+            external_data = True
+    if external_data:
+        _save_external(proto, path, data_name)
+        return
     fd, tmp = tempfile.mkstemp(prefix=".spa-", suffix=".onnx.tmp", dir=d)
-    os.close(fd)
     try:
-        if external_data:
-            data_name = os.path.basename(path) + ".data"
-            tmp_data = os.path.join(d, "." + data_name + ".tmp")
-            m = onnx.ModelProto()
-            m.CopyFrom(proto)
-            onnx.external_data_helper.convert_model_to_external_data(
-                m, all_tensors_to_one_file=True, location=os.path.basename(tmp_data),
-                size_threshold=1024)
-            onnx.save_model(m, tmp)
-            # point the model at the final data file name, then move both into place
-            for t in _external_tensors(Model(proto=m)):
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = data_name
-            onnx.save_model(m, tmp, save_as_external_data=False)
-            os.replace(tmp_data, os.path.join(d, data_name))
-        else:
-            with open(tmp, "wb") as f:
-                f.write(data)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        _usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
-        for p in (tmp,):
-            if os.path.exists(p):
-                os.unlink(p)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
 
+
+def _usual_mode(path: str) -> None:
+    """Temporary files are created 0600; the output gets what a plain open() would give."""
+    try:
+        with open("/proc/self/status") as f:  # (reading the umask without changing it)
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def _materialized(proto: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    for k, t in enumerate(m.graph.initializer):
+        if external.ref_of(t) is not None:
+            m.graph.initializer[k].CopyFrom(external.materialize(t))
+    return m
+
+
+_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data",
+                "double_data", "uint64_data")
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    """Initializers and attribute tensors, subgraphs included, in file order."""
+    yield from graph.initializer
+    for n in graph.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            elif a.type == onnx.AttributeProto.TENSORS:
+                yield from a.tensors
+            elif a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _all_tensors(g)
+
+
+def _inline(t: TensorProto) -> bool:
+    """Tensors that stay in the model file: under 1 KiB, and integer tensors of up to 4096
+    elements (shape operands: ONNX Runtime's shape inference does not read external data)."""
+    return _tensor_nbytes(t) < EXTERNAL_TENSOR_MIN_BYTES or (
+        t.data_type in (TensorProto.INT64, TensorProto.INT32) and math.prod(t.dims) <= 4096)
+
+
+def _save_external(proto: onnx.ModelProto, path: str, data_name: str) -> None:
+    """The model file and its data file, both through temporary files: tensors are written
+    one at a time (referenced weights are copied or sliced chunk by chunk, never loaded
+    whole), then the data file and the model are renamed into place."""
+    d = os.path.dirname(path)
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)  # weights held by reference cost nothing to copy
+    fd_model = fd_data = None
+    tmp = tmp_data = ""
+    try:
+        fd_model, tmp = tempfile.mkstemp(prefix=".spa-", suffix=".onnx.tmp", dir=d)
+        fd_data, tmp_data = tempfile.mkstemp(prefix=".spa-", suffix=".data.tmp", dir=d)
+        w = external.DataWriter(fd_data)
+        for t in _all_tensors(m.graph):
+            ref = external.ref_of(t)
+            if t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED) or _inline(t):
+                if ref is not None:
+                    t.CopyFrom(external.materialize(t))
+                continue
+            if ref is None:
+                if t.data_location == TensorProto.EXTERNAL:
+                    raise SpaError(f"tensor {t.name!r} refers to external data SPA did not "
+                                   "load; nothing was written", file=path)
+                raw = t.raw_data if t.HasField("raw_data") else \
+                    numpy_helper.from_array(numpy_helper.to_array(t), t.name).raw_data
+                offset = w.align(len(raw))
+                w.write_bytes(raw)
+                length = len(raw)
+            else:
+                offset = w.align(ref.nbytes)
+                w.write_tensor(ref)
+                length = ref.nbytes
+            for f in _DATA_FIELDS:
+                t.ClearField(f)
+            del t.external_data[:]
+            t.data_location = TensorProto.EXTERNAL
+            t.external_data.add(key="location", value=data_name)
+            t.external_data.add(key="offset", value=str(offset))
+            t.external_data.add(key="length", value=str(length))
+        os.close(fd_data)
+        fd_data = None
+        try:
+            data = m.SerializeToString(deterministic=True)
+        except ValueError:
+            raise SpaError("the model is over protobuf's 2 GB limit even with its weights in "
+                           "external data (the graph itself is too large); nothing was written",
+                           file=path)
+        with os.fdopen(fd_model, "wb") as f:
+            fd_model = None
+            f.write(data)
+        # an older output at `path` goes first: a crash between the two renames then leaves
+        # no model rather than an old model next to new data
+        _usual_mode(tmp)
+        _usual_mode(tmp_data)
+        if os.path.lexists(path):
+            os.unlink(path)
+        os.replace(tmp_data, os.path.join(d, data_name))
+        os.replace(tmp, path)
+    except BaseException:
+        for fd in (fd_model, fd_data):
+            if fd is not None:
+                os.close(fd)
+        for p in (tmp, tmp_data):
+            if p and os.path.exists(p):
+                os.unlink(p)
+        raise

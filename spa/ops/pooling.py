@@ -164,14 +164,28 @@ def trilu(n, c):
 
 @rule("QuantizeLinear", "DequantizeLinear")
 def quant(n, c):
-    """(De)QuantizeLinear: elementwise; per-axis scales and zero points follow that axis."""
+    """(De)QuantizeLinear: elementwise; per-axis scales and zero points follow that axis.
+    Blocked quantization (opset 21 `block_size`: scale and zero point have x's rank, one
+    value per block of `block_size` elements along `axis`): the other axes follow x, and
+    along `axis` x is (blocks x block_size), so only whole blocks can go."""
     x, y = n.i(0), n.o(0)
     r = n.rank(x)
     for k in range(r):
         c.couple((x, k), (y, k))
     axis = norm_axis(n.attr("axis", 1), r) if r else 0
+    block = n.attr("block_size", 0) or 0
     for t in n.inputs[1:3]:
-        if t and n.rank(t) == 1 and n.shape(t)[0] != 1:
+        if t and block > 0 and r and n.rank(t) == r:
+            for k in range(r):
+                if k != axis:
+                    c.couple((t, k), (x, k))
+                    c.role((t, k), "quant")
+            inner = c.virtual("block", block)
+            c.freeze(inner, f"elements of one quantization block (block_size {block})")
+            # (a last, partial block makes the lengths disagree: product() freezes the axis)
+            c.product((x, axis), [(t, axis), inner])
+            c.role((t, axis), "quant")
+        elif t and n.rank(t) == 1 and n.shape(t)[0] != 1:
             c.couple((t, 0), (x, axis))
             c.role((t, 0), "quant")
         else:

@@ -12,6 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import SpaError
+from ..ir import external
 from ..ir.model import Model, _skeleton, structural_check
 from ..ops import registry
 from ..ops.registry import Node
@@ -105,9 +106,11 @@ class Shrinker:
         self.proto.graph.initializer.extend(self.new_inits)
 
 
-def _sliced_consts(model, kept: dict, values: dict | None = None) -> dict[str, np.ndarray]:
+def _sliced_consts(model, kept: dict, values: dict | None = None) -> dict:
     """Constants with pruned axes, sliced (`values`: replacement values of some constants,
-    in their original shapes, e.g. reconstructed weights; they are all returned)."""
+    in their original shapes, e.g. reconstructed weights; they are all returned). Weights
+    held in external data files are not read here: they become Pending tensors, sliced
+    chunk by chunk when the model is written (spa.ir.external)."""
     values = values or {}
     by_tensor: dict[str, list] = {}
     for (t, ax), idx in kept.items():
@@ -115,7 +118,12 @@ def _sliced_consts(model, kept: dict, values: dict | None = None) -> dict[str, n
             by_tensor.setdefault(t, []).append((ax, idx))
     out = {t: np.array(v, order="C", copy=True) for t, v in values.items()
            if t not in by_tensor}
+    refs = getattr(model.consts, "ref", lambda name: None)
     for t, axes in by_tensor.items():
+        ref = refs(t) if t not in values else None
+        if ref is not None and t not in model.const_node:
+            out[t] = external.pending(ref, sorted(axes, key=lambda a: a[0]))
+            continue
         arr = values.get(t, model.consts[t])
         for ax, idx in sorted(axes):
             arr = np.take(arr, idx, axis=ax)
@@ -145,7 +153,9 @@ def _copy_with(src: onnx.ModelProto, new_inits: dict) -> onnx.ModelProto:
     _copy_fields(g, sg, skip="initializer")
     for t in sg.initializer:
         if t.name in new_inits:
-            nt = numpy_helper.from_array(new_inits[t.name], t.name)
+            new = new_inits[t.name]
+            nt = new.tensor(t.name) if isinstance(new, external.Pending) else \
+                numpy_helper.from_array(new, t.name)
             nt.doc_string = t.doc_string
             g.initializer.append(nt)
         else:
@@ -245,8 +255,9 @@ def check(proto: onnx.ModelProto, original: onnx.ModelProto | None = None,
         try:
             onnx.checker.check_model(_skeleton(Model(proto=original)), full_check=True)
         except Exception:
-            try:
-                structural_check(proto)
+            try:  # (weights held by reference in external files: check the skeleton)
+                structural_check(_skeleton(Model(proto=proto)) if external.has_refs(proto)
+                                 else proto)
                 return
             except Exception as exc:
                 error = exc
