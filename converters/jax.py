@@ -745,7 +745,7 @@ def apply_plan(module, onnx_model, plan, *, example_inputs=None, rtol: float = 1
             line[k] = True
             keep_mask &= line.reshape([-1 if i == ax else 1 for i in range(arr.ndim)])
         sel = m >= 0
-        if axes and (~sel & ~keep_mask).any() and np.issubdtype(arr.dtype, np.floating):
+        if axes and (~sel & ~keep_mask).any() and _is_real(arr.dtype):
             ignored.append(name)   # the cut also removes exporter constants: SPA rewrites
         flat = m[sel]
         owner = np.searchsorted(offsets, flat, side="right") - 1
@@ -761,7 +761,7 @@ def apply_plan(module, onnx_model, plan, *, example_inputs=None, rtol: float = 1
             problems.append(err)
     unused = sorted(e.path for e in table if not e.uses)
     computed = [n for n in ignored if n not in exp.maps
-                and np.issubdtype(file_tensors[n].dtype, np.floating)]
+                and _is_real(file_tensors[n].dtype)]
     if computed and unused:
         problems.append(
             "the plan shrinks tensors that hold no parameter element: "
@@ -769,9 +769,14 @@ def apply_plan(module, onnx_model, plan, *, example_inputs=None, rtol: float = 1
                                          else "")
             + "; and these variables are in no tensor of the graph: " + ", ".join(unused[:8])
             + (f" (+{len(unused) - 8})" if len(unused) > 8 else "")
-            + " -- the exporter computed a tensor from them (e.g. `x @ (2 * w)` is folded "
-            "into one constant), so their cut is unknown; write the computation on the "
-            "activations instead")
+            + (" -- variables in float16/bfloat16 cannot hold the probe's codes, so the "
+               "converter cannot find them in the graph: keep the parameters in float32 "
+               "(param_dtype) and compute in half precision if needed"
+               if any(np.dtype(e.var.get_value().dtype).itemsize < 4 for e in table
+                      if not e.uses) else
+               " -- the exporter computed a tensor from them (e.g. `x @ (2 * w)` folded "
+               "into one constant), so their cut is unknown; write the computation on the "
+               "activations instead"))
     if problems:
         raise MapBackError("cannot map the plan back onto the module:\n  "
                            + "\n  ".join(problems), file=source)
@@ -1098,6 +1103,13 @@ class _Attrs:
                                    file=self.source)
             if value is not None:
                 self._set(mname, m, attr, value)
+
+
+def _is_real(dtype) -> bool:
+    """Floating point, bfloat16 included (numpy does not count it as np.floating)."""
+    dtype = np.dtype(dtype)
+    return np.issubdtype(dtype, np.floating) or dtype.name in ("bfloat16", "float8_e4m3fn",
+                                                                "float8_e5m2")
 
 
 def _setattr(m, attr, value) -> None:

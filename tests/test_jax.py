@@ -289,3 +289,28 @@ def test_docs_example_runs(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "plan.json").is_file()
+
+
+def test_half_precision_variables_are_refused(tmp_path):
+    """bfloat16 variables cannot hold the probe's codes: not found in the graph, and a plan
+    that shrinks their tensors is refused with that reason."""
+    from flax import nnx
+    import jax
+    import jax.numpy as jnp
+
+    from converters.jax import export
+
+    class Half(nnx.Module):
+        def __init__(self, rngs):
+            kw = dict(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, rngs=rngs)
+            self.a = nnx.Linear(8, 16, **kw)
+            self.c = nnx.Linear(16, 4, **kw)
+
+        def __call__(self, x):
+            return self.c(jax.nn.relu(self.a(x.astype(jnp.bfloat16)))).astype(jnp.float32)
+
+    module = Half(nnx.Rngs(0))
+    path = export(module, (1, 8), tmp_path / "half.onnx")
+    with pytest.raises(MapBackError, match="float16/bfloat16 cannot hold the probe's codes"):
+        apply_plan(module, str(path), Plan({0: list(range(8))}, {0: 16}))
+    assert module.a.kernel.get_value().shape == (8, 16)
