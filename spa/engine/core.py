@@ -285,7 +285,7 @@ class Engine:
                     raise self.model.error(f"the engine does not compute output {k} "
                                            f"({name!r}) of this node", node)
                 v = outs[k]
-                if static or isinstance(v, (np.ndarray, np.generic)):
+                if isinstance(v, (np.ndarray, np.generic, bool, int, float)):
                     v = np.asarray(v)
                 if is_float(v) and v.dtype != self.float_dtype:
                     v = v.astype(self.float_dtype)

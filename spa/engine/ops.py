@@ -325,6 +325,8 @@ def where(c, cond, a, b):
 @op("Cast")
 def cast(c, x):
     dt = c.dtype(c.attr("to"))
+    if c.xp is not np:  # int64 is int32 in JAX unless jax_enable_x64 is set
+        dt = J.jax.dtypes.canonicalize_dtype(dt)
     return x.astype(dt)
 
 
@@ -957,12 +959,17 @@ def conv_transpose(c, x, w, b=None):
     full = [s * (i - 1) + op_ + k for s, i, op_, k in zip(strides, in_sp, out_pad, k_eff)]
     out_shape = c.attr("output_shape", None)
     auto = c.attr("auto_pad", "NOTSET")
-    if out_shape is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
-        target = list(out_shape)[-nd:] if out_shape is not None else \
-            [i * s for i, s in zip(in_sp, strides)]
-        pads = []
-        for f, t in zip(full, target):
+    if out_shape is not None:  # as ONNX Runtime: the head gets the larger half of the
+        pads = []              # (clamped) padding except for SAME_UPPER, the tail the rest
+        for f, t in zip(full, list(out_shape)[-nd:]):  # (negative: zeros appended)
             total = f - t
+            tc = max(total, 0)
+            head = tc // 2 if auto == "SAME_UPPER" else tc - tc // 2
+            pads.append((head, total - head))
+    elif auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for f, i, s in zip(full, in_sp, strides):
+            total = f - i * s
             half = total // 2
             pads.append((total - half, half) if auto == "SAME_LOWER" else (half, total - half))
     elif auto == "VALID":
@@ -994,12 +1001,16 @@ def _pool_geometry(c, x):
     in_sp = list(x.shape[2:])
     pads = _conv_pads(c, in_sp, k_eff, strides)
     extra = [0] * nd
-    if c.attr("ceil_mode", 0):
-        for j, (i, s, k, (pb, pe)) in enumerate(zip(in_sp, strides, k_eff, pads)):
-            o = -(-(i + pb + pe - k) // s) + 1
+    ceil = c.attr("ceil_mode", 0)
+    for j, (i, s, k, (pb, pe)) in enumerate(zip(in_sp, strides, k_eff, pads)):
+        span = i + pb + pe - k
+        if ceil:
+            o = -(-span // s) + 1
             if (o - 1) * s >= i + pb:
                 o -= 1
-            extra[j] = max(0, (o - 1) * s + k - (i + pb + pe))
+        else:  # C division as ONNX Runtime: a window larger than the input still gives one
+            o = int(span / s) + 1
+        extra[j] = max(0, (o - 1) * s + k - (i + pb + pe))
     return ks, strides, dil, pads, extra
 
 
@@ -1227,14 +1238,8 @@ def resize(c, x, *args):
                 scale_of[a] = r
     elif scales is not None:
         for a, s in zip(axes, [float(v) for v in scales]):
-            scale_of[a] = s
-            if ctm == "tf_crop_and_resize" and roi is not None:
-                k = axes.index(a)
-                n = len(axes)
-                span = float(roi[k + n]) - float(roi[k])
-                out_len[a] = int(math.floor(in_shape[a] * span * s))
-            else:
-                out_len[a] = int(math.floor(in_shape[a] * s + 1e-9))
+            scale_of[a] = s  # output length floor(in · scale), also with a crop (as ORT)
+            out_len[a] = int(math.floor(in_shape[a] * s + 1e-9))
     else:
         raise c.error("Resize needs scales or sizes")
     for a in axes:

@@ -128,27 +128,44 @@ def gradient_stats(engine, calib, labels=None, *, batch_size: int = 32, params=N
             raise UsageError(f"the model fixes the batch to {fixed} but there are fewer "
                              "calibration samples")
     kw = dict(temperature=temperature)
-    needs_ref = obj in ("self", "mse", "kd")
+    mode_ref = None  # how the loss gets its reference: labels / given / inside
+    if obj == "self":
+        # cross-entropy to the reference argmax = "ce" with those labels, computed up front
+        # in batches (cheaper than a reference forward inside every per-sample gradient)
+        lab = np.concatenate([np.argmax(engine.run({k: v[s:s + bs] for k, v in
+                                                    feeds.items()}, params=rp)[0], axis=1)
+                              for s in range(0, n, bs)])
+        eff_obj, has_labels = "ce", True
+    else:
+        eff_obj = obj
+        if obj in ("mse", "kd"):
+            mode_ref = "given" if all(np.ndim(r) and np.shape(r)[0] == (fixed or 1)
+                                      for r in probe) else "inside"
 
-    def batch_loss(q, f, lb, ref_p):
-        ref = [jax.lax.stop_gradient(r) for r in engine.forward(ref_p, f)] if needs_ref \
-            else None
-        return engine.loss(q, f, lb if has_labels else None, ref, obj, **kw)
+    def refs_for(fb):
+        if mode_ref != "given":
+            return []
+        return [np.asarray(r) for r in engine.run(fb, params=rp)]
 
-    key = (obj, has_labels, float(temperature))
+    def batch_loss(q, f, lb, refs, ref_p):
+        if mode_ref == "inside":
+            refs = [jax.lax.stop_gradient(r) for r in engine.forward(ref_p, f)]
+        return engine.loss(q, f, lb if has_labels else None, refs or None, eff_obj, **kw)
+
+    key = (eff_obj, has_labels, mode_ref, float(temperature))
     grad_sum = {k: np.zeros(v.shape, np.float64) for k, v in p.items()}
     fish_sum = {k: np.zeros(v.shape, np.float64) for k, v in p.items()} if fisher else None
     loss_sum = 0.0
     if per_sample:
         fn = engine._cache.get(("ps",) + key)
         if fn is None:
-            def one(q, f1, l1, ref_p):
+            def one(q, f1, l1, r1, ref_p):
                 f = {k: v[None] for k, v in f1.items()}
-                return batch_loss(q, f, l1[None], ref_p)
+                return batch_loss(q, f, l1[None], [r[None] for r in r1], ref_p)
 
-            def ps(q, fb, lb, w, ref_p):
-                losses, grads = jax.vmap(jax.value_and_grad(one), in_axes=(None, 0, 0, None))(
-                    q, fb, lb, ref_p)
+            def ps(q, fb, lb, refs, w, ref_p):
+                losses, grads = jax.vmap(jax.value_and_grad(one),
+                                         in_axes=(None, 0, 0, 0, None))(q, fb, lb, refs, ref_p)
                 gs = {k: jnp.tensordot(w, g, 1) for k, g in grads.items()}
                 fs = {k: jnp.tensordot(w, g * g, 1) for k, g in grads.items()}
                 return jnp.sum(w * losses), gs, fs
@@ -160,7 +177,7 @@ def gradient_stats(engine, calib, labels=None, *, batch_size: int = 32, params=N
             idx[idx >= e] = s  # pad the last chunk (weight 0) so one compile serves all
             w = (np.arange(s, s + step) < e).astype(engine.float_dtype)
             fb = {k: v[idx] for k, v in feeds.items()}
-            ls, gs, fs = fn(p, fb, lab[idx], w, rp)
+            ls, gs, fs = fn(p, fb, lab[idx], refs_for(fb), w, rp)
             loss_sum += float(ls)
             for k in grad_sum:
                 grad_sum[k] += np.asarray(gs[k], np.float64)
@@ -173,7 +190,7 @@ def gradient_stats(engine, calib, labels=None, *, batch_size: int = 32, params=N
         for s in range(0, n, bs):
             e = min(s + bs, n)
             fb = {k: v[s:e] for k, v in feeds.items()}
-            ls, gs = fn(p, fb, lab[s:e], rp)
+            ls, gs = fn(p, fb, lab[s:e], refs_for(fb), rp)
             b = e - s
             loss_sum += float(ls) * b
             for k in grad_sum:
@@ -191,15 +208,16 @@ def gradient_stats(engine, calib, labels=None, *, batch_size: int = 32, params=N
         t1 = time.perf_counter()
         fn = engine._cache.get(("hg",) + key)
         if fn is None:
-            def hvp_fn(q, fb, lb, ref_p, v):
-                return jax.jvp(lambda r: jax.grad(batch_loss)(r, fb, lb, ref_p), (q,), (v,))[1]
+            def hvp_fn(q, fb, lb, refs, ref_p, v):
+                return jax.jvp(lambda r: jax.grad(batch_loss)(r, fb, lb, refs, ref_p), (q,),
+                               (v,))[1]
             fn = engine._cache[("hg",) + key] = jax.jit(hvp_fn)
         gv = {k: jnp.asarray(v) for k, v in grad.items()}
         hg_sum = {k: np.zeros(v.shape, np.float64) for k, v in p.items()}
         for s in range(0, n, bs):
             e = min(s + bs, n)
             fb = {k: v[s:e] for k, v in feeds.items()}
-            hv = fn(p, fb, lab[s:e], rp, gv)
+            hv = fn(p, fb, lab[s:e], refs_for(fb), rp, gv)
             for k in hg_sum:
                 hg_sum[k] += np.asarray(hv[k], np.float64) * (e - s)
         hg = {k: (v / n).astype(engine.float_dtype) for k, v in hg_sum.items()}
