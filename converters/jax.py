@@ -39,10 +39,12 @@ variables. Needing no equal values also means the plan can be applied to a fresh
 module (to load fine-tuned weights into afterwards).
 
 Import cost: jax2onnx imports all its plugin packages on the first conversion, and its
-equinox plugins compile example models at import (about 30 s on a busy 2-core CPU). The
-converter imports only the ``jax`` and ``flax`` plugin trees (about 3 s), which is all a
-flax nnx module needs; if a conversion fails with that subset, it imports everything and
-tries once more.
+equinox plugins compile example models at import (about 30 s on a busy 2-core CPU). During
+its own conversions the converter lets jax2onnx see only the ``jax`` and ``flax`` plugin
+trees (about 3 s to import), which is all a flax nnx module needs; if jax2onnx then finds
+no plugin for a primitive, everything is imported and the conversion tried once more.
+jax2onnx's bookkeeping is restored afterwards, so the caller's own ``jax2onnx.to_onnx``
+calls still import every plugin.
 """
 
 from __future__ import annotations
@@ -75,38 +77,36 @@ class MapBackError(SpaError):
 # --------------------------------------------------------------------------- jax2onnx
 
 
-_LIMITED_PLUGINS = False
-
-
-def _to_onnx():
-    """``jax2onnx.to_onnx``, with only the plugin trees a flax nnx module needs imported
-    (see the module docstring). Falls back to jax2onnx's own full import if its plugin
-    system does not look as expected."""
-    global _LIMITED_PLUGINS
-    import jax2onnx
+@contextlib.contextmanager
+def _flax_plugins_only():
+    """Inside: jax2onnx sees only its ``jax`` and ``flax`` plugin trees as imported (see the
+    module docstring), so its first conversion does not import the equinox plugins. Yields
+    a function that imports the rest (for a retry); afterwards jax2onnx's own bookkeeping is
+    as it was, so a later ``jax2onnx.to_onnx`` of the caller's still imports everything it
+    needs. If the plugin system does not look as expected, nothing is changed."""
     from jax2onnx.plugins import plugin_system as ps
 
-    if getattr(ps, "_already_imported_plugins", True) is False and \
-            hasattr(ps, "_import_tree"):
-        root = Path(ps.__file__).resolve().parent
-        for sub in ("jax", "flax"):
-            ps._import_tree(root / sub, f"jax2onnx.plugins.{sub}")
-        ps._already_imported_plugins = True
-        _LIMITED_PLUGINS = True
-    return jax2onnx.to_onnx
+    if getattr(ps, "_already_imported_plugins", True) is not False or \
+            not hasattr(ps, "_import_tree") or not hasattr(ps, "import_all_plugins"):
+        yield lambda: False
+        return
+    root = Path(ps.__file__).resolve().parent
+    for sub in ("jax", "flax"):
+        ps._import_tree(root / sub, f"jax2onnx.plugins.{sub}")
+    state = {"all": False}
 
+    def import_all() -> bool:
+        ps._already_imported_plugins = False
+        ps.import_all_plugins()
+        state["all"] = True
+        return True
 
-def _import_all_plugins() -> bool:
-    """Import the plugin trees `_to_onnx` skipped; False if there was nothing to add."""
-    global _LIMITED_PLUGINS
-    if not _LIMITED_PLUGINS:
-        return False
-    from jax2onnx.plugins import plugin_system as ps
-
-    _LIMITED_PLUGINS = False
-    ps._already_imported_plugins = False
-    ps.import_all_plugins()
-    return True
+    ps._already_imported_plugins = True
+    try:
+        yield import_all
+    finally:
+        if not state["all"]:
+            ps._already_imported_plugins = False
 
 
 # --------------------------------------------------------------------------- inputs
@@ -341,7 +341,7 @@ def _trace(module, settings: dict):
     import jax
     from flax import nnx
 
-    to_onnx = _to_onnx()
+    from jax2onnx import to_onnx
     clone = nnx.clone(module)
     clone.eval()
     specs = [jax.ShapeDtypeStruct(tuple(s), d) for s, d in settings["inputs"]]
@@ -351,12 +351,12 @@ def _trace(module, settings: dict):
         kw["input_names"] = _input_names(settings["inputs"])
     # jax2onnx's flax plugins read `variable.value`, which flax 0.12 deprecates: one
     # DeprecationWarning per layer and conversion, not the caller's business
-    with _quiet_loggers(), warnings.catch_warnings():
+    with _quiet_loggers(), warnings.catch_warnings(), _flax_plugins_only() as import_all:
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             proto = to_onnx(clone, specs, **kw)
-        except Exception:
-            if not _import_all_plugins():
+        except NotImplementedError as exc:   # "No plugins registered for primitive ..."
+            if "plugin" not in str(exc) or not import_all():
                 raise
             proto = to_onnx(clone, specs, **kw)
     # jax2onnx 0.17.1's layout pass moves convolutions to NCHW but leaves the NHWC shapes

@@ -168,6 +168,7 @@ def test_map_back_runs_the_module_and_undoes_on_error():
     assert report["attributes"]["conv1.out_features"] == [16, 8]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # jax2onnx reads `.value`
 def test_map_back_without_export_record(tmp_path):
     """A file written by plain jax2onnx (const_N names, no record) maps back too: the
     converter re-exports with jax2onnx's defaults and the file's inputs and opset."""
