@@ -80,10 +80,12 @@ def _quiet_tf() -> None:
 
 @contextlib.contextmanager
 def _quiet_loggers():
+    """tf2onnx logs progress and, for ops it cannot convert, ERROR lines; _check_converted
+    reports those ops in the exception instead."""
     loggers = [logging.getLogger(n) for n in ("tf2onnx", "tensorflow", "absl")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -522,6 +524,11 @@ def rename_initializers(proto, keras_model) -> dict[str, str]:
     return renames
 
 
+def _numpy(t) -> np.ndarray:
+    """A TF tensor as numpy (``.numpy()``: np.asarray on an EagerTensor warns under numpy 2)."""
+    return t.numpy() if hasattr(t, "numpy") else np.asarray(t)
+
+
 def check_outputs(model, onnx_path, batch: int = 2, seed: int = 0,
                   inputs_as_nchw: bool = False) -> float:
     """Max |Keras − ONNX Runtime| / max |Keras output| on a seeded random batch (for
@@ -535,7 +542,7 @@ def check_outputs(model, onnx_path, batch: int = 2, seed: int = 0,
         shape = [batch, *[int(d) for d in t.shape[1:]]]
         xs.append(rng.standard_normal(shape).astype(np.float32))
     ref = model(xs if len(xs) > 1 else xs[0], training=False)
-    refs = [np.asarray(r) for r in (ref if isinstance(ref, (list, tuple)) else [ref])]
+    refs = [_numpy(r) for r in (ref if isinstance(ref, (list, tuple)) else [ref])]
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
