@@ -93,7 +93,8 @@ def mobilenet(keras):
     def inverted(x, cout, stride, expand, name):
         cin = x.shape[-1]
         y = L.Conv2D(cin * expand, 1, use_bias=False, name=f"{name}_expand")(x)
-        y = L.ReLU(6.0, name=f"{name}_expand_relu")(L.BatchNormalization(name=f"{name}_expand_bn")(y))
+        y = L.BatchNormalization(name=f"{name}_expand_bn")(y)
+        y = L.ReLU(6.0, name=f"{name}_expand_relu")(y)
         y = L.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False,
                               name=f"{name}_dw")(y)
         y = L.ReLU(6.0, name=f"{name}_dw_relu")(L.BatchNormalization(name=f"{name}_dw_bn")(y))

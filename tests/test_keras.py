@@ -40,6 +40,8 @@ from spa.rewrite.apply import check  # noqa: E402
 
 tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
+# Keras' own model.save calls np.array on TF tensors (numpy 2 deprecation inside keras)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 TRAINED_ONNX = TRAINED_DIR / "keras_cnn.onnx"
 TRAINED_KERAS = TRAINED_DIR / "keras_cnn.keras"
 NAMES = [s.name for s in KERAS_ZOO]
