@@ -144,7 +144,8 @@ def _input_specs(model, dynamic_batch: bool):
 
     inputs = getattr(model, "inputs", None)
     if not inputs:
-        raise UsageError(f"the Keras model {model.name!r} has no defined inputs (a subclassed "
+        raise UsageError(f"the Keras model {getattr(model, 'name', type(model).__name__)!r} "
+                         "has no defined inputs (not a Keras model, or a subclassed "
                          "model that was never called?): build it on an input, or pass "
                          "input_signature=[tf.TensorSpec(...)]")
     specs = []
@@ -260,7 +261,7 @@ def export(model, path, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = Tru
     `path`; return the path.
 
     The batch axis of every input and output is named ``batch`` (symbolic) with
-    `dynamic_batch`. `inputs_as_nchw` makes a 4-D (5-D) channels-last input channels-first
+    `dynamic_batch`. `inputs_as_nchw` makes a 4-D channels-last (NHWC) input NCHW
     in the ONNX graph. `rename` names initializers after the Keras variables whose values
     they hold (see the module docstring). `input_signature` (a list of ``tf.TensorSpec``)
     is needed only for a model without defined inputs. The file is written atomically;
