@@ -151,6 +151,9 @@ def make():
     """BertModel with its pretrained weights + mean pooling + L2 normalisation, eval mode."""
     import torch
     from transformers import BertModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()      # "Loading weights" on stderr at every export
 
     class SentenceEncoder(torch.nn.Module):
         def __init__(self, bert):
