@@ -87,11 +87,15 @@ def member_scores(crit: Criterion, ctx: Context) -> list[tuple]:
         if pairs is None:
             continue
         order.append(key)
-        by_tensor.setdefault(key[0], []).append((key, arr, pairs))
+        # not the array: with streamed external data every weight held here would stay
+        # mapped (resident) until the last tensor is scored
+        by_tensor.setdefault(key[0], []).append((key, pairs))
     done = {}
+    consts = analysis.model.consts
     for name, items in by_tensor.items():
         sal = None
-        for key, arr, pairs in items:
+        arr = consts[name]
+        for key, pairs in items:
             if crit.slices is not None:
                 chans, vals = crit.slices(arr, key, pairs, ctx)
             else:
@@ -101,7 +105,7 @@ def member_scores(crit: Criterion, ctx: Context) -> list[tuple]:
             if crit.member_post is not None:
                 vals = crit.member_post(vals)
             done[key] = (chans, vals)
-        sal = None  # one tensor's saliency at a time (large models)
+        sal = arr = None  # one tensor's saliency at a time (large models)
     return [done[k] for k in order]
 
 
