@@ -1029,9 +1029,22 @@ def max_pool(c, x):
     lax, jnp = J.lax, J.jnp
     ks, strides, dil, pads, extra = _pool_geometry(c, x)
     win, st, wd, pad = _window(x.ndim, ks, strides, dil, pads, extra)
-    init = -jnp.inf if is_float(x) else jnp.iinfo(x.dtype).min
-    return lax.reduce_window(x, jnp.asarray(init, x.dtype), lax.max, win, st, pad,
-                             window_dilation=wd)
+    # a concrete identity init value makes this the differentiable reduce_window_max
+    init = np.array(-np.inf if is_float(x) else np.iinfo(x.dtype).min, dtype=x.dtype)
+    if all(d == 1 for d in dil):
+        return lax.reduce_window(x, init, lax.max, win, st, pad)
+    # JAX has no reverse mode for dilated max windows: the maximum of strided slices, one
+    # per kernel offset, is the same function and differentiates like any maximum
+    xp_ = jnp.pad(x, pad, constant_values=init)
+    out_sp = [(xp_.shape[2 + j] - ((k - 1) * d + 1)) // s + 1
+              for j, (k, d, s) in enumerate(zip(ks, dil, strides))]
+    y = None
+    for offs in np.ndindex(*ks):
+        idx = (slice(None), slice(None)) + tuple(
+            slice(o * d, o * d + (n - 1) * s + 1, s)
+            for o, d, s, n in zip(offs, dil, strides, out_sp))
+        y = xp_[idx] if y is None else jnp.maximum(y, xp_[idx])
+    return y
 
 
 @op("AveragePool", numpy=False)
@@ -1039,7 +1052,7 @@ def average_pool(c, x):
     lax, jnp = J.lax, J.jnp
     ks, strides, dil, pads, extra = _pool_geometry(c, x)
     win, st, wd, pad = _window(x.ndim, ks, strides, dil, pads, extra)
-    s = lax.reduce_window(x, jnp.asarray(0, x.dtype), lax.add, win, st, pad, window_dilation=wd)
+    s = lax.reduce_window(x, np.array(0, x.dtype), lax.add, win, st, pad, window_dilation=wd)
     ones = np.ones((1, 1) + tuple(x.shape[2:]), np.float32)
     if c.attr("count_include_pad", 0):
         ones = np.pad(ones, ((0, 0), (0, 0)) + tuple(pads), constant_values=1.0)
@@ -1058,7 +1071,7 @@ def lp_pool(c, x):
     p = c.attr("p", 2)
     ks, strides, dil, pads, extra = _pool_geometry(c, x)
     win, st, wd, pad = _window(x.ndim, ks, strides, dil, pads, extra)
-    s = lax.reduce_window(jnp.abs(x) ** p, jnp.asarray(0, x.dtype), lax.add, win, st, pad,
+    s = lax.reduce_window(jnp.abs(x) ** p, np.array(0, x.dtype), lax.add, win, st, pad,
                           window_dilation=wd)
     return (s ** (1.0 / p)).astype(x.dtype)
 
