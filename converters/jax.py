@@ -623,22 +623,8 @@ def _guess_settings(proto) -> list[dict]:
              "rename": False} for mode in ("auto", "prefer_native")]
 
 
-def _as_model(model):
-    import spa
-
-    if isinstance(model, (str, os.PathLike)):
-        return spa.load(str(model))
-    return model
-
-
-def _as_plan(plan):
-    from spa.plan import Plan
-
-    if isinstance(plan, (str, os.PathLike)):
-        return Plan.load(str(plan))
-    if isinstance(plan, dict):
-        return Plan.from_json(plan)
-    return plan
+from converters._common import as_model as _as_model  # noqa: E402
+from converters._common import as_plan as _as_plan  # noqa: E402
 
 
 def _reexport(module, proto, source) -> tuple[_Export, dict]:
