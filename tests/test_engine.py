@@ -455,6 +455,22 @@ def test_gradient_stats_averages(x64, per_sample):
     assert any(np.abs(st.hg[k]).max() > 0 for k in p0)
 
 
+def test_gradient_stats_reference_objectives(x64):
+    """mse / kd against the initial parameters' outputs, at moved parameters: the mean
+    gradient equals the gradient of the mean loss, per-sample Fisher or not."""
+    eng = Engine(_mlp(2), dtype="float64")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 6))
+    p = {k: v + 0.2 * rng.standard_normal(v.shape) for k, v in eng.params.items()}
+    for objective, per_sample in (("mse", True), ("kd", False)):
+        st = gradient_stats(eng, {"x": x}, params=p, objective=objective, batch_size=2,
+                            per_sample=per_sample)
+        g = jax.jit(jax.grad(lambda q: eng.loss(q, {"x": x}, objective=objective)))(p)
+        assert st.objective == objective and st.loss > 0
+        for k in p:
+            np.testing.assert_allclose(st.grad[k], g[k], rtol=1e-9, atol=1e-12)
+
+
 def test_gradient_stats_on_a_zoo_model():
     """float32 on a real model: self-distillation objective without labels, per-sample
     Fisher, shapes and signs."""

@@ -67,6 +67,14 @@ def _calib(engine, calib, labels, max_samples):
     return feeds, labels, n
 
 
+def _padded(feeds: dict, start: int, size: int, n: int) -> dict:
+    """Samples [start, start + size), the missing tail filled with copies of sample `start`
+    (so that every chunk has one shape and one compilation)."""
+    idx = np.arange(start, start + size)
+    idx[idx >= n] = start
+    return {k: v[idx] for k, v in feeds.items()}
+
+
 def _fixed_batch(engine) -> int | None:
     """The static first axis of the graph inputs, if the model fixes it."""
     m = engine.model
@@ -103,7 +111,8 @@ def gradient_stats(engine, calib, labels=None, *, batch_size: int = 32, params=N
     rp = {k: jnp.asarray(v, engine.float_dtype) for k, v in engine.params.items()}
     t0 = time.perf_counter()
     fixed = _fixed_batch(engine)
-    probe = engine.run({k: v[:fixed or 1] for k, v in feeds.items()})
+    # output shapes by tracing only (no compilation)
+    probe = jax.eval_shape(engine.forward, p, {k: v[:fixed or 1] for k, v in feeds.items()})
     obj = engine.resolve_objective(objective, labels, probe[0])
     if obj == "ce" and labels is None:
         raise UsageError("objective 'ce' needs labels")
@@ -132,14 +141,13 @@ def gradient_stats(engine, calib, labels=None, *, batch_size: int = 32, params=N
     if obj == "self":
         # cross-entropy to the reference argmax = "ce" with those labels, computed up front
         # in batches (cheaper than a reference forward inside every per-sample gradient)
-        lab = np.concatenate([np.argmax(engine.run({k: v[s:s + bs] for k, v in
-                                                    feeds.items()}, params=rp)[0], axis=1)
-                              for s in range(0, n, bs)])
+        lab = np.concatenate([np.argmax(engine.run(_padded(feeds, s, bs, n), params=rp)[0],
+                                        axis=1)[:min(bs, n - s)] for s in range(0, n, bs)])
         eff_obj, has_labels = "ce", True
     else:
         eff_obj = obj
         if obj in ("mse", "kd"):
-            mode_ref = "given" if all(np.ndim(r) and np.shape(r)[0] == (fixed or 1)
+            mode_ref = "given" if all(len(r.shape) and r.shape[0] == (fixed or 1)
                                       for r in probe) else "inside"
 
     def refs_for(fb):
