@@ -35,15 +35,20 @@ class Case:
     loose: bool = False  # spa.ir's loader refuses it (deprecated / newer opset): bypass it
     grad: bool = True  # in the gradient check (off for variants that only change static
     #                    index / weight computations, to keep the compile small)
+    domain: str = ""
+
+    @property
+    def key(self) -> str:  # as spa.engine.supported_ops() names it
+        return f"{self.domain}:{self.op}" if self.domain else self.op
 
 
 CASES: list[Case] = []
 
 
 def case(name, op, inputs, attrs=None, *, outputs=1, opset=18, static=(), fold=False,
-         loose=False, grad=True):
+         loose=False, grad=True, domain=""):
     CASES.append(Case(name, op, inputs, attrs or {}, outputs, opset, tuple(static), fold,
-                      loose or opset > 23, grad))
+                      loose or opset > 23, grad, domain))
 
 
 X = f32(2, 3, 4, 5)
@@ -255,7 +260,7 @@ case("global_maxpool", "GlobalMaxPool", [XP])
 case("global_lppool", "GlobalLpPool", [XP], {"p": 3})
 case("max_roi_pool", "MaxRoiPool", [f32(2, 3, 8, 8), np.array(
     [[0, 0, 0, 7, 7], [1, 2, 1, 5, 6], [0, 3, 3, 3, 3]], np.float32)],
-    {"pooled_shape": [2, 3], "spatial_scale": 1.0}, static=(1,))  # (rois: integer boxes)
+    {"pooled_shape": [2, 3], "spatial_scale": 1.0}, static=(1,), grad=False)  # (int boxes)
 
 XR = f32(1, 2, 4, 5)
 for ctm in ("half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel",
@@ -282,7 +287,7 @@ case("resize_cubic_excl", "Resize", [XR, None, np.array([1, 1, 2, 2], np.float32
 case("resize_crop", "Resize", [XR, np.array([0, 0, 0.2, 0.1, 1, 1, 0.9, 1.2], np.float32),
                                np.array([1, 1, 2, 1.5], np.float32)],
      {"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize",
-      "extrapolation_value": -3.0}, static=(1, 2))
+      "extrapolation_value": -3.0}, static=(1, 2), grad=False)
 case("resize_opset11", "Resize", [XR, np.zeros(0, np.float32),
                                   np.array([1, 1, 2, 2], np.float32)],
      {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
@@ -328,6 +333,18 @@ case("attention", "Attention", [f32(2, 4, 5, 8), f32(2, 4, 6, 8), f32(2, 4, 6, 8
 case("attention_gqa", "Attention", [f32(2, 5, 16), f32(2, 5, 8), f32(2, 5, 8)],
      {"q_num_heads": 4, "kv_num_heads": 2, "is_causal": 1, "scale": 0.3}, opset=23)
 
+# ai.onnx.ml: what skl2onnx puts around classifiers
+ML = {"domain": "ai.onnx.ml"}
+case("array_feature_extractor", "ArrayFeatureExtractor",
+     [np.arange(10, dtype=np.int64), np.array([[3], [7], [0]], np.int64)], **ML)
+case("array_feature_extractor_2d", "ArrayFeatureExtractor",
+     [f32(3, 5), np.array([4, 0, 2], np.int64)], **ML)
+case("scaler", "Scaler", [f32(4, 3)], {"offset": [0.5, -1.0, 2.0], "scale": [2.0, 0.5, 3.0]},
+     **ML)
+for norm in ("MAX", "L1", "L2"):
+    case(f"normalizer_{norm.lower()}", "Normalizer", [f32(4, 3, lo=0.5, hi=2.0)],
+         {"norm": norm}, **ML)
+
 
 def _value(name, arr):
     return helper.make_tensor_value_info(
@@ -356,10 +373,14 @@ def build(cases: list[Case], opset: int):
             while names and names[-1] == "":
                 names.pop()
             out_names = [f"{tag}_out{k}" for k in range(cs.outputs)]
-            nodes.append(helper.make_node(cs.op, names, out_names, name=tag, **cs.attrs))
+            nodes.append(helper.make_node(cs.op, names, out_names, name=tag,
+                                          domain=cs.domain or None, **cs.attrs))
             outs += [(tag, o) for o in out_names]
     g = helper.make_graph(nodes, f"engine_cases_opset{opset}", inputs, [], inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    imports = [helper.make_opsetid("", opset)]
+    if any(cs.domain == "ai.onnx.ml" for cs in cases):
+        imports.append(helper.make_opsetid("ai.onnx.ml", 3))
+    model = helper.make_model(g, opset_imports=imports)
     model.ir_version = 10 if opset >= 21 else 8
     inferred = onnx.shape_inference.infer_shapes(model)
     vi = {v.name: v for v in inferred.graph.value_info}

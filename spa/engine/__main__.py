@@ -13,17 +13,30 @@ DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 BEGIN, END = "<!-- engine-ops:begin -->", "<!-- engine-ops:end -->"
 
 
-def op_block() -> str:
-    ops = supported_ops()
+def _wrap(names: list[str]) -> list[str]:
     lines, line = [], ""
-    for name in ops:
+    for name in names:
         item = f"`{name}`"
         if len(line) + len(item) + 2 > 92:
             lines.append(line.rstrip())
             line = ""
         line += item + ", "
     lines.append(line.rstrip(", ") + ".")
-    return "\n".join([BEGIN, f"{len(ops)} op types (default ONNX domain):", "", *lines, END])
+    return lines
+
+
+def op_block() -> str:
+    ops = supported_ops()
+    default = [o for o in ops if ":" not in o]
+    domains: dict[str, list[str]] = {}
+    for o in ops:
+        if ":" in o:
+            d, name = o.split(":", 1)
+            domains.setdefault(d, []).append(name)
+    out = [BEGIN, f"{len(default)} op types of the default ONNX domain:", "", *_wrap(default)]
+    for d, names in sorted(domains.items()):
+        out += ["", f"{len(names)} of `{d}`:", "", *_wrap(names)]
+    return "\n".join(out + [END])
 
 
 def current_block(text: str) -> str | None:

@@ -16,7 +16,7 @@ import onnx
 
 from ..errors import SpaError, UsageError
 from ._jax import J, load
-from .ops import IMPLS, _np_dtype, is_float
+from .ops import IMPLS, _np_dtype, impl_key, is_float
 
 OBJECTIVES = ("auto", "ce", "self", "mse", "kd")
 
@@ -150,6 +150,7 @@ class Engine:
         self.params: dict[str, np.ndarray] = {k: consts[k] for k in weights}
         self._consts = {k: v for k, v in consts.items() if k not in self.params}
         self._const_outputs = set(m.const_node)
+        self._class = self._find_class_output()
         self._jit_forward = J.jax.jit(self.forward)
         self._cache: dict = {}
 
@@ -165,7 +166,7 @@ class Engine:
         return a
 
     def _check_supported(self, node) -> None:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in IMPLS:
+        if impl_key(node) not in IMPLS:
             dom = f" (domain {node.domain!r})" if node.domain not in ("", "ai.onnx") else ""
             raise self.model.error(f"the gradient engine (spa.engine) has no implementation "
                                    f"of op {node.op_type}{dom}", node)
@@ -214,6 +215,10 @@ class Engine:
     def forward(self, params, feeds: dict) -> list:
         """The model's outputs (JAX arrays, in `output_names` order) for `params` (name ->
         array; missing trainable parameters take their initial values) and `feeds`."""
+        env = self._evaluate(params, feeds)
+        return [J.jnp.asarray(env[o]) for o in self.output_names]
+
+    def _evaluate(self, params, feeds: dict) -> dict:
         jnp = J.jnp
         env: dict = dict(self._consts)
         for k, v in self.params.items():
@@ -235,7 +240,7 @@ class Engine:
             else:
                 env[n] = jnp.asarray(v)
         self._execute(self._nodes, env, top=True)
-        return [jnp.asarray(env[o]) for o in self.output_names]
+        return env
 
     def run(self, feeds: dict, params=None) -> list[np.ndarray]:
         """Jitted forward (compiled once per input shape); numpy outputs."""
@@ -249,7 +254,7 @@ class Engine:
         for node in nodes:
             if top and node.op_type == "Constant" and node.output[0] in env:
                 continue
-            impl = IMPLS[node.op_type]
+            impl = IMPLS[impl_key(node)]
             try:
                 args = [env[i] if i else None for i in node.input]
             except KeyError as exc:
@@ -302,63 +307,110 @@ class Engine:
         return [env[o.name] for o in graph.output]
 
     # -- objectives --------------------------------------------------------------------
-    def resolve_objective(self, objective: str, labels, first_output) -> str:
+    def _find_class_output(self) -> tuple[int, str, bool]:
+        """(index of the class output, tensor holding its logits, whether those are the
+        input of a final Softmax): the first float graph output; when it is a Softmax over
+        axis 1 (through Identity nodes), the logits are the Softmax's input."""
+        m = self.model
+        k = next((i for i, o in enumerate(self.output_names) if m.dtypes.get(o)
+                  and np.issubdtype(_np_dtype(m.dtypes[o]), np.floating)), 0)
+        name = self.output_names[k] if self.output_names else ""
+        t = name
+        while t in m.producer and m.producer[t].op_type in ("Identity",) and \
+                t not in m.consts:
+            t = m.producer[t].input[0]
+        p = m.producer.get(t)
+        if p is not None and p.op_type == "Softmax" and p.domain in ("", "ai.onnx"):
+            rank = m.rank(t)
+            axis = self._attrs_of(p).get("axis", 1 if self.opset < 13 else -1)
+            if rank is not None and (axis if axis >= 0 else axis + rank) == 1 and \
+                    (self.opset >= 13 or rank == 2):
+                return k, p.input[0], True
+        return k, name, False
+
+    @property
+    def class_output(self) -> int:
+        """Index (in `output_names`) of the output the classification objectives use: the
+        first float output."""
+        return self._class[0]
+
+    def resolve_objective(self, objective: str, labels, logits) -> str:
+        """The objective "auto" stands for, given the class logits (or their shape)."""
         if objective not in OBJECTIVES:
             raise UsageError(f"unknown objective {objective!r} (choose from "
                              f"{', '.join(OBJECTIVES)})")
         if objective != "auto":
             return objective
-        classifier = getattr(first_output, "ndim", 0) == 2 and is_float(first_output)
+        classifier = len(getattr(logits, "shape", ())) == 2 and is_float(logits)
         if labels is not None and classifier:
             return "ce"
         return "self" if classifier else "mse"
 
+    def logits(self, params, feeds):
+        """The class logits: the class output, or the input of its final Softmax."""
+        return J.jnp.asarray(self._evaluate(params, feeds)[self._class[1]])
+
     def _reference(self, reference, feeds):
-        jax = J.jax
+        """Reference outputs and reference logits (stop-gradient)."""
+        jax, jnp = J.jax, J.jnp
+        sg = jax.lax.stop_gradient
         if reference is None:
-            return [jax.lax.stop_gradient(r) for r in self.forward(self.params, feeds)]
+            env = self._evaluate(self.params, feeds)
+            return ([sg(jnp.asarray(env[o])) for o in self.output_names],
+                    sg(jnp.asarray(env[self._class[1]])))
         if isinstance(reference, dict):
             reference = [reference[n] for n in self.output_names]
         elif not isinstance(reference, (list, tuple)):
             reference = [reference]
-        return [jax.lax.stop_gradient(J.jnp.asarray(r)) for r in reference]
+        ref = [sg(jnp.asarray(r)) for r in reference]
+        if len(ref) != len(self.output_names):
+            raise UsageError(f"reference has {len(ref)} outputs, the model "
+                             f"{len(self.output_names)}")
+        cls = ref[self._class[0]]
+        # after a final Softmax the reference holds probabilities: their log is the logits
+        # up to a per-row constant, which softmax and argmax ignore
+        ref_logits = jnp.log(jnp.maximum(cls, jnp.finfo(cls.dtype).tiny)) if self._class[2] \
+            else cls
+        return ref, ref_logits
 
     def loss(self, params, feeds, labels=None, reference=None, objective="auto", *,
              temperature: float = 4.0):
         """A scalar loss of the outputs (pure, differentiable in `params`).
 
-        ce: cross-entropy of output 0 (logits, class axis 1) to integer `labels`;
-        self: cross-entropy to the argmax of the reference outputs (the model's own
-        predictions); mse: mean squared distance of every float output to the reference,
-        summed over outputs; kd: temperature² · KL(softmax(ref/T) ‖ softmax(out/T)) over
-        axis 1 of output 0. The reference defaults to the outputs of the initial
-        parameters `self.params`. auto: ce with labels, else self for a classifier (output 0
-        of shape [N, C]), else mse.
+        The classification objectives use the class logits: the first float output, or the
+        input of its final Softmax (so exported softmax classifiers get a true
+        cross-entropy). ce: cross-entropy of the logits (class axis 1) to integer `labels`;
+        self: cross-entropy to the argmax of the reference (the model's own predictions);
+        kd: temperature² · KL(softmax(ref/T) ‖ softmax(logits/T)) over axis 1; mse: mean
+        squared distance of every float output to the reference, summed over outputs. The
+        reference defaults to the outputs of the initial parameters `self.params`. auto: ce
+        with labels, else self for a classifier (logits of shape [N, C]), else mse.
         """
         jax, jnp = J.jax, J.jnp
-        outs = self.forward(params, feeds)
-        obj = self.resolve_objective(objective, labels, outs[0])
-        logits = outs[0]
+        env = self._evaluate(params, feeds)
+        logits = jnp.asarray(env[self._class[1]])
+        obj = self.resolve_objective(objective, labels, logits)
         if obj in ("ce", "self", "kd") and not is_float(logits):
-            raise UsageError(f"objective {obj!r} needs float logits as output 0 "
-                             f"({self.output_names[0]!r} is {logits.dtype})")
+            raise UsageError(f"objective {obj!r} needs a float output (the model's outputs "
+                             f"{self.output_names} have none)")
         if obj == "ce":
             if labels is None:
                 raise UsageError("objective 'ce' needs labels")
             return _cross_entropy(logits, jnp.asarray(labels))
-        ref = self._reference(reference, feeds)
+        ref, ref_logits = self._reference(reference, feeds)
         if obj == "self":
-            return _cross_entropy(logits, jnp.argmax(ref[0], axis=1))
+            return _cross_entropy(logits, jnp.argmax(ref_logits, axis=1))
         if obj == "kd":
             t = float(temperature)
-            pt = jax.nn.softmax(ref[0] / t, axis=1)
-            kl = jnp.sum(pt * (jax.nn.log_softmax(ref[0] / t, axis=1) -
+            pt = jax.nn.softmax(ref_logits / t, axis=1)
+            kl = jnp.sum(pt * (jax.nn.log_softmax(ref_logits / t, axis=1) -
                                jax.nn.log_softmax(logits / t, axis=1)), axis=1)
             return jnp.mean(kl) * t * t
         total = 0.0
-        for o, r in zip(outs, ref):
+        for name, r in zip(self.output_names, ref):
+            o = env[name]
             if is_float(o):
-                total = total + jnp.mean((o - r) ** 2)
+                total = total + jnp.mean((jnp.asarray(o) - r) ** 2)
         return jnp.asarray(total, self.float_dtype)
 
 

@@ -45,7 +45,13 @@ def op(*names: str, numpy: bool = True):
 
 
 def supported_ops() -> list[str]:
-    return sorted(IMPLS)
+    """Op types with an implementation: default-domain names, then `domain:Op` for the few
+    ops of other domains (ai.onnx.ml, as skl2onnx emits around classifiers)."""
+    return sorted(IMPLS, key=lambda n: (":" in n, n))
+
+
+def impl_key(node) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -1596,3 +1602,41 @@ def loop(c, trip=None, cond=None, *carried):
     if len(stacked) < n_scan:  # zero iterations
         stacked += [np.zeros((0,), c.float_dtype)] * (n_scan - len(stacked))
     return tuple(carried) + tuple(stacked)
+
+
+# ------------------------------------------------------------------------------------------
+# ai.onnx.ml (what converters put around classic-ML classifiers)
+
+
+@op("ai.onnx.ml:ArrayFeatureExtractor")
+def array_feature_extractor(c, x, idx):
+    """Elements of the last axis at `idx` (all of them, flattened); a 1-D input gives
+    [1, len(idx)] (as ONNX Runtime)."""
+    xp = c.xp
+    flat = xp.reshape(idx, (-1,))
+    flat = xp.where(flat < 0, flat + x.shape[-1], flat)
+    y = xp.take(x, flat, axis=-1) if xp is np else J.jnp.take(x, flat, axis=-1, mode="clip")
+    return xp.reshape(y, (1, -1)) if x.ndim == 1 else y
+
+
+@op("ai.onnx.ml:Scaler")
+def scaler(c, x):
+    off = np.asarray(c.attr("offset", [0.0]), dtype=c.float_dtype)
+    sc = np.asarray(c.attr("scale", [1.0]), dtype=c.float_dtype)
+    return ((x.astype(c.float_dtype) - off) * sc).astype(c.float_dtype)
+
+
+@op("ai.onnx.ml:Normalizer")
+def normalizer(c, x):
+    xp = c.xp
+    norm = c.attr("norm", "MAX")
+    x = x.astype(c.float_dtype)
+    if norm == "MAX":
+        d = xp.max(x, axis=-1, keepdims=True)
+    elif norm == "L1":
+        d = xp.sum(xp.abs(x), axis=-1, keepdims=True)
+    elif norm == "L2":
+        d = xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True))
+    else:
+        raise c.error(f"Normalizer norm {norm!r} is not supported")
+    return x / d

@@ -112,8 +112,9 @@ def gradient_stats(engine, calib, labels=None, *, batch_size: int = 32, params=N
     t0 = time.perf_counter()
     fixed = _fixed_batch(engine)
     # output shapes by tracing only (no compilation)
-    probe = jax.eval_shape(engine.forward, p, {k: v[:fixed or 1] for k, v in feeds.items()})
-    obj = engine.resolve_objective(objective, labels, probe[0])
+    first = {k: v[:fixed or 1] for k, v in feeds.items()}
+    probe = jax.eval_shape(engine.forward, p, first)
+    obj = engine.resolve_objective(objective, labels, jax.eval_shape(engine.logits, p, first))
     if obj == "ce" and labels is None:
         raise UsageError("objective 'ce' needs labels")
     has_labels = obj == "ce"
@@ -141,7 +142,8 @@ def gradient_stats(engine, calib, labels=None, *, batch_size: int = 32, params=N
     if obj == "self":
         # cross-entropy to the reference argmax = "ce" with those labels, computed up front
         # in batches (cheaper than a reference forward inside every per-sample gradient)
-        lab = np.concatenate([np.argmax(engine.run(_padded(feeds, s, bs, n), params=rp)[0],
+        k = engine.class_output  # (its argmax is that of the logits, Softmax or not)
+        lab = np.concatenate([np.argmax(engine.run(_padded(feeds, s, bs, n), params=rp)[k],
                                         axis=1)[:min(bs, n - s)] for s in range(0, n, bs)])
         eff_obj, has_labels = "ce", True
     else:
