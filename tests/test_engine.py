@@ -490,6 +490,34 @@ def test_gradient_stats_reference_objectives(x64):
             np.testing.assert_allclose(st.grad[k], g[k], rtol=1e-9, atol=1e-12)
 
 
+def test_sampled_fisher(x64):
+    """objective="sampled": the true Fisher. For a classifier the Fisher of the last bias
+    is E_y[(p - e_y)²] = p(1 - p); for a non-classifier it is informative where the
+    empirical Fisher of mse at the reference point is zero."""
+    eng = Engine(_mlp(3), dtype="float64")
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((400, 6))
+    st = gradient_stats(eng, {"x": x}, objective="sampled", batch_size=100)
+    assert st.objective == "sampled" and st.fisher_mode == "per-sample"
+    z, _ = _np_forward(eng.params, x)
+    prob = np.exp(_log_softmax(z))
+    want = (prob * (1 - prob)).mean(0)
+    np.testing.assert_allclose(st.fisher["b2"], want, rtol=0.2)
+    again = gradient_stats(eng, {"x": x}, objective="sampled", batch_size=100)
+    np.testing.assert_array_equal(again.fisher["b2"], st.fisher["b2"])  # seeded
+
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    proto = _graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                   [onnx.numpy_helper.from_array(w, "w")])
+    conv = Engine(from_proto(proto), dtype="float64")
+    xs = {"x": rng.standard_normal((6, 2, 4, 4))}
+    assert not np.any(gradient_stats(conv, xs).fisher["w"])  # mse to itself: zero
+    st = gradient_stats(conv, xs, objective="sampled", batch_size=4)
+    assert (st.fisher["w"] >= 0).all() and (st.fisher["w"] > 0).all()
+
+
 def test_gradient_stats_on_a_zoo_model():
     """float32 on a real model: self-distillation objective without labels, per-sample
     Fisher, shapes and signs."""

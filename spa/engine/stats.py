@@ -89,12 +89,18 @@ def _fixed_batch(engine) -> int | None:
 def gradient_stats(engine, calib, labels=None, *, batch_size: int = 32, params=None,
                    fisher: bool = True, hvp: str = "none", objective: str = "auto",
                    max_samples: int | None = None, per_sample: bool | None = None,
-                   temperature: float = 4.0) -> GradStats:
+                   temperature: float = 4.0, seed: int = 0) -> GradStats:
     """Mean gradient, diagonal empirical Fisher and (hvp="hg") H·g of `engine.loss` over a
     calibration set (`calib`: input name -> array, first axis = samples).
 
     The reference outputs (objectives self / mse / kd) are those of the engine's initial
-    parameters. `per_sample`: None chooses vmap per-sample gradients when they fit
+    parameters. objective="sampled" (only here: it draws random targets, seeded by `seed`)
+    gives the true Fisher instead of the empirical one: for a classifier, cross-entropy to
+    labels drawn from the reference's softmax; otherwise squared error to the reference
+    outputs plus standard normal noise. Unlike mse at the reference point (zero gradient),
+    its Fisher is informative without labels; its mean gradient is only noise.
+
+    `per_sample`: None chooses vmap per-sample gradients when they fit
     PER_SAMPLE_BUDGET (chunks of up to `batch_size` samples), else micro-batches.
     """
     import time
@@ -114,7 +120,11 @@ def gradient_stats(engine, calib, labels=None, *, batch_size: int = 32, params=N
     # output shapes by tracing only (no compilation)
     first = {k: v[:fixed or 1] for k, v in feeds.items()}
     probe = jax.eval_shape(engine.forward, p, first)
-    obj = engine.resolve_objective(objective, labels, jax.eval_shape(engine.logits, p, first))
+    logits_shape = jax.eval_shape(engine.logits, p, first)
+    classifier = len(logits_shape.shape) == 2 and np.issubdtype(logits_shape.dtype,
+                                                                np.floating)
+    obj = objective if objective == "sampled" else \
+        engine.resolve_objective(objective, labels, logits_shape)
     if obj == "ce" and labels is None:
         raise UsageError("objective 'ce' needs labels")
     has_labels = obj == "ce"
@@ -139,7 +149,30 @@ def gradient_stats(engine, calib, labels=None, *, batch_size: int = 32, params=N
                              "calibration samples")
     kw = dict(temperature=temperature)
     mode_ref = None  # how the loss gets its reference: labels / given / inside
-    if obj == "self":
+    rng = np.random.default_rng(seed)
+    noisy = False
+    if obj == "sampled" and classifier:
+        # the true Fisher: labels drawn from the model's own (reference) class distribution
+        lf = engine._cache.get(("logits",))
+        if lf is None:
+            lf = engine._cache[("logits",)] = jax.jit(engine.logits)
+        parts = []
+        for s in range(0, n, bs):
+            z = np.asarray(lf(rp, _padded(feeds, s, bs, n)), np.float64)[:min(bs, n - s)]
+            pr = np.exp(z - z.max(axis=1, keepdims=True))
+            cdf = np.cumsum(pr / pr.sum(axis=1, keepdims=True), axis=1)
+            parts.append(np.minimum((cdf < rng.random((len(z), 1))).sum(axis=1),
+                                    z.shape[1] - 1))
+        lab = np.concatenate(parts)
+        eff_obj, has_labels = "ce", True
+    elif obj == "sampled":
+        # a unit-variance Gaussian likelihood on every float output: targets = reference
+        # outputs + standard normal noise, squared error
+        if not all(len(r.shape) and r.shape[0] == (fixed or 1) for r in probe):
+            raise UsageError("objective 'sampled' on a non-classifier needs outputs whose "
+                             "first axis is the batch")
+        eff_obj, mode_ref, noisy = "mse", "given", True
+    elif obj == "self":
         # cross-entropy to the reference argmax = "ce" with those labels, computed up front
         # in batches (cheaper than a reference forward inside every per-sample gradient)
         k = engine.class_output  # (its argmax is that of the logits, Softmax or not)
@@ -155,7 +188,11 @@ def gradient_stats(engine, calib, labels=None, *, batch_size: int = 32, params=N
     def refs_for(fb):
         if mode_ref != "given":
             return []
-        return [np.asarray(r) for r in engine.run(fb, params=rp)]
+        refs = [np.asarray(r) for r in engine.run(fb, params=rp)]
+        if noisy:
+            refs = [r + rng.standard_normal(r.shape).astype(r.dtype) if r.dtype.kind == "f"
+                    else r for r in refs]
+        return refs
 
     def batch_loss(q, f, lb, refs, ref_p):
         if mode_ref == "inside":
