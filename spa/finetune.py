@@ -236,12 +236,16 @@ def _check_labels(data: TrainData, model, spec: str) -> None:
     many there are): JAX would silently clamp an out-of-range index."""
     if data.labels is None or not model.output_names:
         return
-    shape = model.shapes.get(model.output_names[0])
+    floats = [o for o in model.output_names if model.dtypes.get(o) in
+              (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+               onnx.TensorProto.BFLOAT16)]
+    out = (floats or model.output_names)[0]    # the class output (as the engine picks it)
+    shape = model.shapes.get(out)
     classes = shape[-1] if shape and isinstance(shape[-1], int) else None
     lo, hi = int(data.labels.min()), int(data.labels.max())
     if lo < 0 or (classes is not None and hi >= classes):
-        raise SpaError(f"labels range over {lo}..{hi}, but the model's first output "
-                       f"{model.output_names[0]!r} has {classes} classes", file=spec)
+        raise SpaError(f"labels range over {lo}..{hi}, but the model's class output "
+                       f"{out!r} has {classes} classes", file=spec)
 
 
 def _subset(data: TrainData, limit: int | None, seed: int) -> TrainData:
@@ -501,6 +505,14 @@ def _optimizer(cfg: Config, schedule, params: dict):
                                  nesterov=cfg.momentum > 0))
 
 
+def _final_softmax(model, name: str) -> bool:
+    """Whether the output `name` is a Softmax over axis 1 (through Identity nodes)."""
+    while name in model.producer and model.producer[name].op_type == "Identity":
+        name = model.producer[name].input[0]
+    node = model.producer.get(name)
+    return node is not None and node.op_type == "Softmax" and node.domain in ("", "ai.onnx")
+
+
 def _classifier(shape) -> bool:
     return len(shape) == 2 and shape[1] > 1
 
@@ -579,28 +591,38 @@ def finetune(model, data: TrainData, cfg: Config, *, teacher=None, log=print) ->
     alpha = 1.0 if data.labels is None else (cfg.kd_alpha if tsess is not None else 0.0)
     T = float(cfg.kd_temperature)
 
+    # the class scores: the engine's class output (the first float output) and its logits
+    # (the input of a final Softmax, if there is one: then the teacher's output holds
+    # probabilities, whose log is the logits up to a per-row constant)
+    k_cls = engine.class_output
+    cls_name = engine.output_names[k_cls] if engine.output_names else ""
+    probs = _final_softmax(model, cls_name)
+
     def loss_fn(p, feeds, labels, t_out):
-        outs = engine.forward({**frozen, **p}, feeds)
-        s = outs[0]
+        params = {**frozen, **p}
+        s = engine.logits(params, feeds)
         if not jnp.issubdtype(s.dtype, jnp.floating):
-            raise SpaError(f"the first output {model.output_names[0]!r} is {s.dtype}, not "
-                           "float scores: nothing to train on", file=model.path)
+            raise SpaError("the model has no float output: nothing to train on",
+                           file=model.path)
         loss, acc = 0.0, jnp.float32(0)
         if labels is not None and _classifier(s.shape):
-            logp = jax.nn.log_softmax(s.astype(jnp.float32))
+            logp = jax.nn.log_softmax(s)
             ce = -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
             loss = loss + (1.0 - alpha) * ce
             acc = jnp.mean(jnp.argmax(s, axis=1) == labels)
         elif labels is not None:
-            raise SpaError(f"the first output {tuple(s.shape)} is not one score vector per "
-                           "sample: cross-entropy needs a classifier; give --teacher to "
+            raise SpaError(f"the output {cls_name!r} {tuple(s.shape)} is not one score vector "
+                           "per sample: cross-entropy needs a classifier; give --teacher to "
                            "distil instead", file=model.path)
         if t_out is not None and alpha > 0:
             if _classifier(s.shape):
-                logpt = jax.nn.log_softmax(t_out[0] / T)
+                t = t_out[k_cls]
+                t = jnp.log(jnp.maximum(t, jnp.finfo(t.dtype).tiny)) if probs else t
+                logpt = jax.nn.log_softmax(t / T)
                 kl = jnp.sum(jnp.exp(logpt) * (logpt - jax.nn.log_softmax(s / T)), axis=1)
                 loss = loss + alpha * T * T * jnp.mean(kl)
             else:
+                outs = engine.forward(params, feeds)
                 mse = sum(jnp.mean((o - t) ** 2) for o, t in zip(outs, t_out)
                           if jnp.issubdtype(o.dtype, jnp.floating))
                 loss = loss + alpha * mse

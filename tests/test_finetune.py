@@ -337,3 +337,36 @@ def test_batch_statistics_graph(opset):
     # the shared-statistics BNs read the stored tensors, as before
     for n in proto.graph.node[-3:-1]:
         assert n.op_type == "BatchNormalization" and list(n.input[3:5]) == [mean, var]
+
+
+def test_softmax_classifier_trains_on_its_logits(work, tmp_path):
+    """A model whose output is Softmax probabilities: cross-entropy is taken on the
+    Softmax's input (the engine's class logits), and a teacher's probabilities distil
+    through their log. Trained with labels, then a fresh copy distilled without them."""
+    def mlp(seed):
+        g = G(opset=17, seed=seed)
+        x = g.input(["N", 64], name="image")
+        h = g.op("Relu", [g.op("Gemm", [x, g.w(32, 64, scale=0.2), g.w(32, scale=0.0)],
+                               transB=1)])
+        y = g.op("Gemm", [h, g.w(10, 32, scale=0.2), g.w(10, scale=0.0)], transB=1)
+        g.output(g.op("Softmax", [y], axis=1))
+        return g.model()
+    z = np.load(work / "train.npz")
+    np.savez(tmp_path / "flat.npz", image=z["image"].reshape(-1, 64), labels=z["labels"])
+    np.savez(tmp_path / "flat_unlabelled.npz", image=z["image"].reshape(-1, 64))
+    t = np.load(work / "test.npz")
+    np.savez(tmp_path / "flat_test.npz", image=t["image"].reshape(-1, 64), labels=t["labels"])
+    onnx.save(mlp(0), tmp_path / "mlp.onnx")
+    onnx.save(mlp(1), tmp_path / "fresh.onnx")
+    assert cli("finetune", tmp_path / "mlp.onnx", "--data", tmp_path / "flat.npz", "--test",
+               tmp_path / "flat_test.npz", "--epochs", 3, "--lr", 0.1, "--batch", 64,
+               "-o", tmp_path / "teacher.onnx", "--report", tmp_path / "t.json") == 0
+    rep = json.loads((tmp_path / "t.json").read_text())
+    assert rep["accuracy_after"] > 0.85 and rep["history"][-1]["loss"] < 0.5, rep
+    assert cli("finetune", tmp_path / "fresh.onnx", "--data", tmp_path / "flat_unlabelled.npz",
+               "--test", tmp_path / "flat_test.npz", "--epochs", 3, "--lr", 0.1, "--batch",
+               64, "--teacher", tmp_path / "teacher.onnx", "-o", tmp_path / "student.onnx",
+               "--report", tmp_path / "s.json") == 0
+    rep = json.loads((tmp_path / "s.json").read_text())
+    assert rep["settings"]["loss"] == "kd"
+    assert rep["accuracy_before"] < 0.3 and rep["accuracy_after"] > 0.8, rep
