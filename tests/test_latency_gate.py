@@ -243,7 +243,13 @@ def test_selections_meet_predicted_latency(lat, select):
     m, a, lm, _ = lat
     scores = score(a, "l2")
     cm = spa.cost.cost_model(a)
-    for f in (0.8, 0.6):
+    # the floor (every group at the default max_group_loss of 0.9) is measured, so it moves
+    # with the machine's load: ask for targets between it and the dense latency
+    from spa.select.local import uniform
+    floor = cm.evaluate(uniform(a, scores, 0.9).removed(a), ("latency",))["latency"]
+    floor /= cm.original["latency"]
+    assert floor < 0.95
+    for f in (round(floor + 0.6 * (1 - floor), 3), round(floor + 0.25 * (1 - floor), 3)):
         plan = select(a, scores, ("latency", f))
         plan.validate(a)
         got = cm.evaluate(plan.removed(a), ("latency",))["latency"] / cm.original["latency"]
