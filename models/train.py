@@ -221,13 +221,16 @@ class Transition(nn.Module):
 
 
 class DenseNetBC(nn.Module):
-    """A small DenseNet-BC: 3 dense blocks (28→14→7), growth k, compression 0.5."""
+    """A small DenseNet-BC: 3 dense blocks, growth k, compression 0.5. The stem's stride
+    (2 for the trained model: blocks at 14→7→3, four times cheaper per step on a CPU core
+    than stride 1's 28→14→7) sets the first block's resolution."""
 
-    def __init__(self, growth=12, block=(6, 6, 6), compression=0.5, num_classes=10):
+    def __init__(self, growth=12, block=(6, 6, 6), compression=0.5, num_classes=10,
+                 stem_stride=1):
         super().__init__()
         self.norm = Normalize()
         c = 2 * growth
-        layers = [nn.Conv2d(1, c, 3, 1, 1, bias=False)]
+        layers = [nn.Conv2d(1, c, 3, stem_stride, 1, bias=False)]
         for i, n in enumerate(block):
             for _ in range(n):
                 layers.append(DenseLayer(c, growth))
@@ -326,7 +329,7 @@ MODELS = {
     "resnet56": ("resnet", lambda: CifarResNet(56), SGD),
     "vgg": ("vgg", lambda: VGG(), dict(SGD, lr=0.05)),
     "mobilenetv2": ("mobilenet", lambda: MobileNetV2(width=0.5), dict(SGD, wd=4e-5)),
-    "densenet": ("densenet", lambda: DenseNetBC(), SGD),
+    "densenet": ("densenet", lambda: DenseNetBC(stem_stride=2), SGD),
     "vit": ("vit", lambda: ViT(patch=4), ADAMW),
 }
 
