@@ -14,6 +14,9 @@ fine-tuning. Methods:
   obspa-none       --criterion obspa --calib none
   l2-global        --criterion l2 --select global (mean-normalised)
   l2-uniform       --criterion l2 --select uniform (the same ratio in every group)
+  taylor           --criterion taylor --calib models/trained/fmnist_calib512.npz --select global
+                   (first-order Taylor |w·g| on the 512 calibration images and their labels)
+  random           --criterion random --select global (seeded uniform scores)
 
 all with `--target flops:F`. For zoo models (random weights, no task) the table reports the
 mean cosine similarity of the outputs to the unpruned model's on 256 held-out synthetic
@@ -44,7 +47,11 @@ METHODS = {
     "obspa-none": dict(criterion="obspa", calib="none"),
     "l2-global": dict(criterion="l2", select="global"),
     "l2-uniform": dict(criterion="l2", select="uniform"),
+    "taylor": dict(criterion="taylor", calib=CALIB, select="global"),
+    "random": dict(criterion="random", select="global"),
 }
+DOC = os.path.join(ROOT, "docs", "obspa.md")
+BEGIN, END = "<!-- obspa-trained:begin -->", "<!-- obspa-trained:end -->"
 
 
 def cosine(model_proto, pruned_proto, calib) -> float:
@@ -57,7 +64,16 @@ def cosine(model_proto, pruned_proto, calib) -> float:
     return float(cs.mean())
 
 
-def run(path: str, fractions, methods, *, limit, zoo: bool, base=None) -> list[dict]:
+def _record(rows_file: str | None, row: dict) -> None:
+    """Append one result as a JSON line (a cut-off run keeps the rows it finished)."""
+    if rows_file:
+        import json
+        with open(rows_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def run(path: str, fractions, methods, *, limit, zoo: bool, base=None,
+        rows_file: str | None = None) -> list[dict]:
     from models.fmnist import evaluate_onnx
     from spa.activations import synthesize
     rows = []
@@ -70,6 +86,7 @@ def run(path: str, fractions, methods, *, limit, zoo: bool, base=None) -> list[d
                 kw = dict(METHODS[m])
                 if zoo and kw.get("calib") == CALIB:
                     continue
+                load0 = os.getloadavg()[0]
                 t0 = time.perf_counter()
                 try:
                     res = spa.prune(spa.load(path), target=f"flops:{f}", **kw)
@@ -80,7 +97,9 @@ def run(path: str, fractions, methods, *, limit, zoo: bool, base=None) -> list[d
                 out = os.path.join(d, "p.onnx")
                 spa.save(res.proto, out)
                 row = {"model": name, "fraction": f, "method": m,
-                       "achieved": res.plan.options.get("achieved"), "time_s": wall}
+                       "achieved": res.plan.options.get("achieved"), "time_s": wall,
+                       "load": round(max(load0, os.getloadavg()[0]), 1),
+                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
                 if zoo:
                     row["cosine"] = cosine(model.proto, res.proto, held_out)
                 else:
@@ -90,6 +109,7 @@ def run(path: str, fractions, methods, *, limit, zoo: bool, base=None) -> list[d
                     row["out_err"] = next(iter(res.obspa["measured"]["output_rel_error"]
                                                .values()))
                 rows.append(row)
+                _record(rows_file, row)
                 print(_line(row, zoo), flush=True)
     return rows
 
@@ -102,6 +122,47 @@ def _line(r: dict, zoo: bool) -> str:
             f"{q} | {err} | {r['time_s']:.2f} |")
 
 
+def table(rows_file: str) -> str:
+    """The markdown table of every row recorded in ``rows_file`` (JSON lines; a later row
+    for the same model, fraction and method replaces an earlier one), models in file order,
+    fractions descending, methods in METHODS order; the load average column is the 1-minute
+    load of the machine while that row ran (max of start and end)."""
+    import json
+    rows: dict = {}
+    for line in open(rows_file):
+        if line.strip():
+            r = json.loads(line)
+            rows[(r["model"], r["fraction"], r["method"])] = r
+    models = list(dict.fromkeys(k[0] for k in rows))
+    order = {m: i for i, m in enumerate(["unpruned", *METHODS])}
+    out = ["| model | FLOPs target | method | achieved | top-1 % (Δ) | output rel. error "
+           "| time (s) | load avg |", "|---|---|---|---|---|---|---|---|"]
+    for m in models:
+        keys = sorted((k for k in rows if k[0] == m),
+                      key=lambda k: (-k[1], order.get(k[2], 99)))
+        for k in keys:
+            r = rows[k]
+            if r["method"] == "unpruned":
+                out.append(f"| {m} | 1.00 | unpruned | 1.0000 | {100 * r['top1']:.2f} | – | – "
+                           "| – |")
+            else:
+                out.append(_line(r, False) + f" {r.get('load', '–')} |")
+    return "\n".join(out)
+
+
+def write_doc(rows_file: str, doc: str = DOC) -> None:
+    """Put `table(rows_file)` into ``doc`` between the obspa-trained markers."""
+    from spa.ir import write_text_atomic
+    text = open(doc).read()
+    block = f"{BEGIN}\n{table(rows_file)}\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    write_text_atomic(doc, text)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=None,
@@ -111,7 +172,19 @@ def main(argv=None) -> int:
     p.add_argument("--fractions", nargs="+", type=float, default=[0.7, 0.5, 0.3])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--limit", type=int, default=None, help="test images (default all)")
+    p.add_argument("--rows", default=None,
+                   help="append every result to this JSON-lines file as it comes")
+    p.add_argument("--write", action="store_true",
+                   help="after each model, write the table of every row in --rows into "
+                        "docs/obspa.md between the obspa-trained markers")
+    p.add_argument("--write-only", action="store_true",
+                   help="only write the table of --rows into docs/obspa.md (no runs)")
     a = p.parse_args(argv)
+    if (a.write or a.write_only) and not a.rows:
+        p.error("--write needs --rows FILE")
+    if a.write_only:
+        write_doc(a.rows)
+        return 0
     zoo = a.zoo is not None
     if zoo:
         from models.export import export_zoo_entry
@@ -133,7 +206,11 @@ def main(argv=None) -> int:
             base = evaluate_onnx(path, limit=a.limit, threads=1)
             print(f"| {os.path.basename(path)[:-5]} | 1.00 | unpruned | 1.0000 | "
                   f"{100 * base:.2f} | – | – |", flush=True)
-        run(path, a.fractions, a.methods, limit=a.limit, zoo=zoo, base=base)
+            _record(a.rows, {"model": os.path.basename(path)[:-5], "fraction": 1.0,
+                             "method": "unpruned", "top1": base})
+        run(path, a.fractions, a.methods, limit=a.limit, zoo=zoo, base=base, rows_file=a.rows)
+        if a.write and not zoo:
+            write_doc(a.rows)
     return 0
 
 
