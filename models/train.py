@@ -291,15 +291,27 @@ class ViTBlock(nn.Module):
 
 
 class ViT(nn.Module):
-    """A small ViT: patch-p conv embedding, class token, learned positions, pre-LN blocks."""
+    """A small ViT: patch-p conv embedding (or a conv stem), class token, learned positions,
+    pre-LN blocks."""
 
-    def __init__(self, patch=4, dim=128, depth=6, heads=4, mlp=256, num_classes=10):
+    def __init__(self, patch=4, dim=128, depth=6, heads=4, mlp=256, num_classes=10,
+                 stem="patch"):
         super().__init__()
         if 28 % patch:
             raise ValueError(f"patch {patch} does not divide 28")
         self.norm = Normalize()
-        self.embed = nn.Conv2d(1, dim, patch, patch)
-        n = (28 // patch) ** 2
+        if stem == "patch":
+            self.embed = nn.Conv2d(1, dim, patch, patch)
+            n = (28 // patch) ** 2
+        elif stem == "conv":
+            # a convolutional stem (two 3x3 stride-2 convs, 28 -> 14 -> 7: 49 tokens, as patch
+            # 4): small ViTs trained from scratch on little data converge much faster with it
+            self.embed = nn.Sequential(
+                nn.Conv2d(1, dim // 4, 3, 2, 1, bias=False), nn.BatchNorm2d(dim // 4),
+                nn.ReLU(inplace=True), nn.Conv2d(dim // 4, dim, 3, 2, 1))
+            n = 49
+        else:
+            raise ValueError(f"stem must be 'patch' or 'conv', not {stem!r}")
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
         self.blocks = nn.Sequential(*[ViTBlock(dim, heads, mlp) for _ in range(depth)])
@@ -330,7 +342,7 @@ MODELS = {
     "vgg": ("vgg", lambda: VGG(), dict(SGD, lr=0.05)),
     "mobilenetv2": ("mobilenet", lambda: MobileNetV2(width=0.5), dict(SGD, wd=4e-5)),
     "densenet": ("densenet", lambda: DenseNetBC(stem_stride=2), SGD),
-    "vit": ("vit", lambda: ViT(patch=4), ADAMW),
+    "vit": ("vit", lambda: ViT(stem="conv"), ADAMW),
 }
 
 
