@@ -99,10 +99,14 @@ def rel(p) -> str:
 
 # --------------------------------------------------------------------------- torch, at init
 
-def train_module(model, name: str, steps: int, subset: int, seed: int):
-    """models.train.train's recipe (optimizer, lr, weight decay, one-cycle schedule,
-    crop+flip augmentation, batch 128) on `model`, for one pass over a seeded random
-    subset of `subset` training images (`steps` = subset / batch)."""
+def train_module(model, name: str, steps: int, subset: int, seed: int, lr: float,
+                 bn_samples: int = 2048):
+    """models.train.train's recipe (SGD-Nesterov, weight decay, one-cycle schedule,
+    crop+flip augmentation, batch 128) on `model` with peak learning rate `lr`, for one
+    pass over a seeded random subset of `subset` training images (`steps` = subset /
+    batch); then the BatchNorm running statistics are recomputed as population statistics
+    of `bn_samples` images of the subset (no augmentation), as `spa finetune` does: after
+    so few steps the running averages lag far behind the weights."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -110,7 +114,7 @@ def train_module(model, name: str, steps: int, subset: int, seed: int):
     from models.fmnist import load_fmnist
     from models.train import MODELS, augment
 
-    recipe = dict(MODELS[name][2])
+    recipe = dict(MODELS[name][2], lr=lr)
     bs = recipe["batch"]
     if steps * bs != subset:
         raise ValueError(f"subset {subset} is not {steps} steps of {bs}")
@@ -144,7 +148,15 @@ def train_module(model, name: str, steps: int, subset: int, seed: int):
         if i in (9, steps // 2, steps - 1):
             log(f"  step {i + 1}/{steps} loss {loss.item():.3f} "
                 f"{(time.time() - t0) / (i + 1):.2f} s/step")
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    with torch.no_grad():
+        for s in range(0, bn_samples, 256):
+            model(x_all[s:s + 256].contiguous(memory_format=torch.channels_last))
     recipe.update(steps=steps, train_images=subset, subset_seed=seed, seed=seed,
+                  bn_recalibration=f"population statistics of {bn_samples} training images",
                   schedule="onecycle(pct_start=0.15, div 10, final div 100)",
                   nesterov=True, momentum=0.9, augmentation="random crop (pad 2) + flip",
                   threads=torch.get_num_threads())
@@ -168,7 +180,8 @@ def init_torch(a) -> None:
     for crit in a.criteria:
         for name in a.models:
             select = a.select if crit not in ("none", "random") else "uniform"
-            key = f"init-torch/{name}/{crit}/{select}/{a.steps}x{a.subset}/seed{a.seed}"
+            key = (f"init-torch/{name}/{crit}/{select}/{a.steps}x{a.subset}/lr{a.lr}/"
+                   f"seed{a.seed}")
             if done(Path(a.results), key):
                 log(f"{key}: done already")
                 continue
@@ -190,7 +203,7 @@ def init_torch(a) -> None:
                 apply_plan(model, str(dense), res.plan, example_inputs=(x,), rtol=1e-3)
                 row["prune_seconds"] = round(time.time() - t0, 1)
                 row["plan_achieved"] = res.plan.options.get("achieved")
-            model, recipe, secs = train_module(model, name, a.steps, a.subset, a.seed)
+            model, recipe, secs = train_module(model, name, a.steps, a.subset, a.seed, a.lr)
             out = work / f"{name}_{crit}_{select}_s{a.seed}_trained.onnx"
             export_onnx(model, out)
             row["macs"], row["params"] = macs_params(out)
@@ -404,6 +417,8 @@ def main(argv=None) -> int:
                            default=["none", "snip", "random", "grasp", "crop"])
             s.add_argument("--steps", type=int, default=100)
             s.add_argument("--subset", type=int, default=12800)
+            s.add_argument("--lr", type=float, default=0.02,
+                           help="peak learning rate (the zoo's 0.1 diverges in so few steps)")
         else:
             s.add_argument("--criteria", nargs="+", default=(
                 ["none", "snip"] if cmd == "init-onnx" else ["l2", "taylor"]))
