@@ -119,3 +119,22 @@ def test_trained_table_in_docs_is_current():
     from models import trained_table
     assert trained_table.current_block() == trained_table.block(), (
         "docs/zoo.md's trained-model table is stale: python -m models.trained_table --write")
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+@pytest.mark.parametrize("onnx_path", TRAINED_MODELS, ids=[p.stem for p in TRAINED_MODELS])
+def test_trained_model_prunes_under_the_oracle(onnx_path, ratio):
+    """Every committed trained model, pruned at 30 % and 50 % of every group, passes the
+    masked-equivalence oracle (the plan's exact part when it also has approximate groups)."""
+    pytest.importorskip("onnxruntime")
+    import spa
+    from spa.rewrite.apply import check
+    model = spa.load(str(onnx_path))
+    res = spa.prune(model, ratio=ratio, do_verify=True, seed=1)
+    check(res.proto, model.proto)
+    assert res.after["params"] < 0.9 * res.before["params"]
+    if res.verify.exact:
+        assert res.verify.passed, f"oracle mismatch {res.verify.max_rel_error:.3g}"
+    else:
+        exact = spa.prune(model, ratio=ratio, do_verify=True, seed=1, exact_only=True)
+        assert exact.verify.passed, f"oracle mismatch {exact.verify.max_rel_error:.3g}"
