@@ -331,8 +331,12 @@ def _pct(x) -> str:
     return "" if x is None else f"{100 * x:.2f} %"
 
 
-def _frac(r) -> str:
-    return f"{100 * r['macs'] / r['dense_macs']:.1f} % / {100 * r['params'] / r['dense_params']:.1f} %"
+def _frac(r, dense=None) -> str:
+    """MACs and parameters as fractions of the dense model: of `dense`'s ONNX file when
+    given (the trained dense torch module, exported the same way), else of the file the
+    run started from."""
+    m, p = (dense["macs"], dense["params"]) if dense else (r["dense_macs"], r["dense_params"])
+    return f"{100 * r['macs'] / m:.1f} % / {100 * r['params'] / p:.1f} %"
 
 
 def render(rows: list[dict]) -> dict[str, str]:
@@ -351,8 +355,8 @@ def render(rows: list[dict]) -> dict[str, str]:
                                           else ", uniform")
             diff = "" if dense is None or r is dense else \
                 f"{100 * (r['accuracy'] - dense['accuracy']):+.2f}"
-            lines.append(f"| {name} | {crit} | {_frac(r)} | {_pct(r['accuracy'])} | {diff} "
-                         f"| {r['train_seconds']:.0f} s |")
+            lines.append(f"| {name} | {crit} | {_frac(r, dense)} | {_pct(r['accuracy'])} "
+                         f"| {diff} | {r['train_seconds']:.0f} s |")
     tables["init-torch"] = "\n".join(lines)
     # at init, ONNX only
     t = [r for r in rows if r["section"] == "init-onnx"]
@@ -372,10 +376,14 @@ def render(rows: list[dict]) -> dict[str, str]:
     # train -> prune -> fine-tune
     t = [r for r in rows if r["section"] == "finetune"]
     lines = ["| model | original | criterion | MACs / params | pruned, no fine-tuning "
-             "| + `spa finetune` | wall time (fine-tune) |", "|---|---:|---|---:|---:|---:|---:|"]
-    for r in t:
+             "| + `spa finetune` | steps × batch | wall time (fine-tune) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    order = {"resnet56": 0, "flax_cnn": 1, "keras_cnn": 2}
+    for r in sorted(t, key=lambda r: (order.get(r["model"], 9), r["model"], r["criterion"])):
+        st = r.get("finetune_settings") or {}
         lines.append(f"| {r['model']} | {_pct(r['original_accuracy'])} | `{r['criterion']}` "
                      f"| {_frac(r)} | {_pct(r['accuracy_before'])} | **{_pct(r['accuracy'])}** "
+                     f"| {st.get('steps_per_epoch', '?')} × {st.get('batch', '?')} "
                      f"| {r['finetune_seconds']:.0f} s |")
     tables["finetune"] = "\n".join(lines)
     return tables
