@@ -380,8 +380,9 @@ def evaluate_torch(model, images, labels, batch=1000):
 
 
 def train(name, epochs, seed=0, lr=None, batch=None, optimizer=None, wd=None,
-          limit_train=None, log=print, eval_every=0):
-    """Train ``name`` from scratch; return (model, recipe dict)."""
+          limit_train=None, log=print, eval_every=0, init=None):
+    """Train ``name`` from scratch, or from the state dict ``init`` (a further schedule
+    after a first one: a warm restart); return (model, recipe dict)."""
     family, _, defaults = MODELS[name]
     recipe = dict(defaults)
     for k, v in (("lr", lr), ("batch", batch), ("optimizer", optimizer), ("wd", wd)):
@@ -390,7 +391,13 @@ def train(name, epochs, seed=0, lr=None, batch=None, optimizer=None, wd=None,
     torch.manual_seed(seed)
     np.random.seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = build(name).to(memory_format=torch.channels_last)  # ~20% faster on CPU
+    model = build(name)
+    prior = None
+    if init:
+        model.load_state_dict(torch.load(init, weights_only=True))
+        prior = json.loads(Path(init).with_suffix(".json").read_text())["recipe"] \
+            if Path(init).with_suffix(".json").exists() else None
+    model = model.to(memory_format=torch.channels_last)  # ~20% faster on CPU
     images, labels = load_fmnist("train")
     test_x, test_y = load_fmnist("test")
     if limit_train:
@@ -420,6 +427,10 @@ def train(name, epochs, seed=0, lr=None, batch=None, optimizer=None, wd=None,
                   nesterov=recipe["optimizer"] == "sgd", threads=torch.get_num_threads(),
                   augmentation="random crop (pad 2) + horizontal flip",
                   train_images=n)
+    if init:
+        # a second one-cycle schedule from a checkpoint: the recipe says so and the
+        # table shows both stages ("6+6 epochs", the summed training time)
+        recipe["continued_from"] = prior
     log(f"{name}: {sum(p.numel() for p in model.parameters())} params, {n} images, "
         f"{steps} steps/epoch, recipe {recipe}")
 
@@ -556,6 +567,8 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=0, help="test accuracy every N epochs")
     p.add_argument("--no-export", action="store_true", help="train only (timing runs)")
     p.add_argument("--out-dir", default=str(TRAINED_DIR))
+    p.add_argument("--init", help="start from this state dict (.pt; its .json sidecar's recipe "
+                                  "is recorded): a further schedule after a first one")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
@@ -565,7 +578,7 @@ def main(argv=None):
 
     model, recipe = train(a.name, a.epochs, a.seed, lr=a.lr, batch=a.batch,
                           optimizer=a.optimizer, wd=a.wd, limit_train=a.limit_train,
-                          log=log, eval_every=a.eval_every)
+                          log=log, eval_every=a.eval_every, init=a.init)
     if not a.no_export:
         save_outputs(a.name, model, recipe, a.out_dir, log=log)
     return 0

@@ -27,7 +27,9 @@ def _recipe(r: dict) -> str:
     if r.get("batch") is not None:
         parts.append(f"batch {r['batch']}")
     if r.get("epochs") is not None:
-        parts.append(f"{r['epochs']} epochs")
+        first = r.get("continued_from") or {}
+        pre = f"{first['epochs']}+" if first.get("epochs") is not None else ""
+        parts.append(f"{pre}{r['epochs']} epochs")
     if r.get("schedule"):
         parts.append(str(r["schedule"]))
     if r.get("seed") is not None:
@@ -42,6 +44,8 @@ def markdown(trained_dir: Path = TRAINED) -> str:
         m = json.loads(sidecar.read_text())
         r = m.get("recipe", {})
         secs = r.get("train_seconds")
+        if secs and (r.get("continued_from") or {}).get("train_seconds"):
+            secs += r["continued_from"]["train_seconds"]
         t = f"{secs / 60:.0f} min" if secs else "–"
         threads = r.get("threads")
         if secs and threads:
