@@ -29,6 +29,8 @@ from .errors import SpaError, UsageError
 from .runtime import _NP, session_for
 
 MODES = ("file", "synthetic", "none")
+#: key of the batch's row mask (`Calibration.row_mask`) in what `stream` yields
+ROW_MASK = "\0row_mask"
 DEFAULT_MAX_BYTES = 256 << 20
 
 
@@ -44,6 +46,10 @@ class Calibration:
     #: the graph to collect activations from, when not the model itself (synthetic inputs:
     #: the model with batch-statistics BatchNorms, see `batch_statistics_model`)
     network: onnx.ModelProto | None = None
+    #: which positions of a [samples, seq] layout are real (True) rather than padding; rows
+    #: of layer inputs laid out [batch, seq, ...] at padding positions are left out of the
+    #: statistics (see `row_mask_for`)
+    row_mask: np.ndarray | None = None
 
     @property
     def n_samples(self) -> int:
@@ -56,6 +62,13 @@ class Calibration:
         for start in range(0, n, max(1, batch_size)):
             stop = min(n, start + batch_size)
             yield {k: v[start:stop] for k, v in self.arrays.items()}
+
+    def row_masks(self, batch_size: int, limit: int | None = None) -> Iterator:
+        """The row mask of each batch of `batches(batch_size, limit)` (None without one)."""
+        n = self.n_samples if limit is None else min(limit, self.n_samples)
+        for start in range(0, n, max(1, batch_size)):
+            stop = min(n, start + batch_size)
+            yield None if self.row_mask is None else self.row_mask[start:stop]
 
     def describe(self) -> dict:
         return {"mode": self.mode, "samples": self.n_samples, "source": self.source,
@@ -135,13 +148,59 @@ def load_calibration_file(path: str, model) -> Calibration:
             raise SpaError(f"calibration array {name!r} must hold integers (graph input "
                            f"type {np.dtype(dtype).name})", file=path)
         arrays[name] = np.ascontiguousarray(a.astype(dtype, copy=False))
+    row_mask, mask_note = row_mask_for(arrays, data.get(ROW_MASK_KEY), n, path)
     labels = data.get("labels")
     if labels is not None and (labels.ndim < 1 or labels.shape[0] != n):
         raise SpaError(f"calibration 'labels' has {labels.shape[0] if labels.ndim else 0} "
                        f"entries for {n} samples", file=path)
-    extra = sorted(set(data) - set(specs) - {"labels"})
+    extra = sorted(set(data) - set(specs) - {"labels", ROW_MASK_KEY})
     notes = [f"ignored arrays that feed no graph input: {', '.join(extra)}"] if extra else []
-    return Calibration("file", arrays, labels, source=os.path.basename(path), notes=notes)
+    if mask_note:
+        notes.append(mask_note)
+    return Calibration("file", arrays, labels, source=os.path.basename(path), notes=notes,
+                       row_mask=row_mask)
+
+
+#: optional array of a calibration file: 0/1 [samples, seq], 1 where a position is real
+ROW_MASK_KEY = "row_mask"
+
+
+def row_mask_for(arrays: dict[str, np.ndarray], explicit: np.ndarray | None, n: int,
+                 path: str = "") -> tuple[np.ndarray | None, str | None]:
+    """The padding mask of a calibration set: the file's `row_mask` array when it has one
+    (0/1, [samples, seq]), else the one graph input that is an attention mask — integer or
+    bool, rank 2, a name containing "mask", only 0/1 values, at least one 1 per sample (the
+    layout of BERT-style `attention_mask`). Padding positions (0) of layer inputs laid out
+    [batch, seq, features] are then left out of the Hessians: the model ignores them (mean
+    pooling, attention), so fitting them only dilutes the real tokens. Returns (mask or
+    None, a note for the report)."""
+    if explicit is not None:
+        a = np.asarray(explicit)
+        seqs = sorted({int(v.shape[1]) for v in arrays.values() if v.ndim >= 2})
+        if a.ndim != 2 or a.shape[0] != n or a.shape[1] not in seqs:
+            raise SpaError(f"calibration array {ROW_MASK_KEY!r} has shape {tuple(a.shape)}, "
+                           f"expected ({n}, seq) with seq the second dim of an input "
+                           f"({', '.join(map(str, seqs)) or 'none has one'}): 1 for real "
+                           "positions, 0 for padding", file=path)
+        if a.dtype.kind not in "biuf" or not np.isin(a, (0, 1)).all():
+            raise SpaError(f"calibration array {ROW_MASK_KEY!r} must hold only 0 and 1",
+                           file=path)
+        m = a.astype(bool)
+        if m.all():
+            return None, f"{ROW_MASK_KEY}: every position real (no rows left out)"
+        return m, (f"{ROW_MASK_KEY}: {int((~m).sum())} of {m.size} positions are padding, "
+                   "left out of the statistics of [batch, seq, ...] layer inputs")
+    found = [k for k, a in arrays.items()
+             if "mask" in k.lower() and a.ndim == 2 and a.dtype.kind in "biu"
+             and np.isin(a, (0, 1)).all() and a.any(axis=1).all()]
+    if len(found) != 1:
+        return None, None
+    m = arrays[found[0]].astype(bool)
+    if m.all():
+        return None, None
+    return m, (f"input {found[0]!r} read as the padding mask: {int((~m).sum())} of {m.size} "
+               "positions left out of the statistics of [batch, seq, ...] layer inputs "
+               f"(give an all-ones {ROW_MASK_KEY!r} array to keep them)")
 
 
 def load_calibration(spec, model, *, n_synthetic: int = 256, seed: int = 0) -> Calibration:
@@ -243,7 +302,7 @@ def stream(model, names: list[str], calib: Calibration, *, batch_size: int = 64,
                     if need else None for p in protos]
         size = sum(per[n] for n in group) * len(protos)
         bs = int(max(1, min(batch_size, max_bytes // max(size, 1))))
-        for feeds in calib.batches(bs, limit):
+        for feeds, rmask in zip(calib.batches(bs, limit), calib.row_masks(bs, limit)):
             outs = []
             for sess in sessions:
                 out = {n: feeds[n] for n in group if n in inputs}
@@ -254,6 +313,8 @@ def stream(model, names: list[str], calib: Calibration, *, batch_size: int = 64,
                         raise SpaError(f"ONNX Runtime failed on the calibration inputs "
                                        f"({type(exc).__name__}: {exc})", file=model.path)
                     out.update(zip(need, vals))
+                if rmask is not None:
+                    out[ROW_MASK] = rmask
                 outs.append(out)
             yield outs[0] if also is None else (outs[0], outs[1])
 

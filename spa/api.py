@@ -53,7 +53,8 @@ def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to:
               seed: int = 0, exact_only: bool = False, target=None, select: str = "uniform",
               normalize: str | None = None, max_group_loss: float = 0.9, latency=None,
               aggregate: str = "sum", stats=None) -> Plan:
-    """Score and select. Without `target`: `ratio` of every group (uniform). With `target`
+    """Score and select. Without `target`: `ratio` of every group (uniform; a dict
+    {group kind: ratio} prunes each kind by its own ratio, see `select.uniform`). With `target`
     ("flops:0.5", ("params", 0.3)): the plan costs at most that fraction of the original,
     chosen by `select` (uniform: one ratio found by bisection; global; knapsack).
     "latency:F" predicts latency from tables measured as `latency` (a
@@ -62,7 +63,17 @@ def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to:
     docs/criteria.md) makes groups comparable for the global selections. Gradient
     criteria need `stats` (spa.criteria.gradient.compute_stats; spa.prune computes them
     from `calib` and attaches them to the analysis)."""
-    if not 0.0 <= ratio < 1.0:
+    if isinstance(ratio, dict):
+        kinds = {g.kind for g in analysis.groups}
+        bad = {k: r for k, r in ratio.items() if k not in ("channels", "heads", "groups")
+               or not 0.0 <= float(r) < 1.0}
+        if bad:
+            raise UsageError(f"ratio per group kind must map channels/heads/groups to a "
+                             f"value in [0, 1), got {bad} (this model's kinds: "
+                             f"{', '.join(sorted(kinds))})")
+        if target is not None:
+            raise UsageError("a ratio per group kind is a uniform plan: give no target")
+    elif not 0.0 <= ratio < 1.0:
         raise UsageError(f"--ratio must be in [0, 1), got {ratio}")
     if round_to < 1:
         raise UsageError(f"--round-to must be >= 1, got {round_to}")
@@ -195,6 +206,7 @@ def _first_samples(cal, n: int | None):
     from dataclasses import replace
     return replace(cal, arrays={k: v[:n] for k, v in cal.arrays.items()},
                    labels=None if cal.labels is None else cal.labels[:n],
+                   row_mask=None if cal.row_mask is None else cal.row_mask[:n],
                    notes=cal.notes + [f"first {n} of {cal.n_samples} samples"])
 
 

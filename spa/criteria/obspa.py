@@ -40,7 +40,7 @@ import time
 import numpy as np
 from scipy.special import ndtr
 
-from ..activations import Calibration, stream
+from ..activations import ROW_MASK, Calibration, stream
 from ..errors import SpaError
 from ..ops.registry import Node
 from ..rewrite.reconstruct import DAMP, Consumer, Updates, damped, inv_psd, reconstruct
@@ -243,12 +243,14 @@ def collect_hessians(model, consumers: list[Consumer], calib: Calibration, *,
                 raise SpaError(f"the input {r.x!r} of layer {r.node!r} is not floating point; "
                                "its Hessian cannot be formed", file=model.path)
             n = r.n_rows(x.shape)
+            valid = valid_rows(r, x.shape, batch.get(ROW_MASK))
             if prob[k] is None:
-                per_sample = n / max(x.shape[0] if r.kind != "dense" or not r.trans_x
-                                     else x.shape[1], 1)
+                real = n if valid is None else int(valid.sum())
+                per_sample = real / max(x.shape[0] if r.kind != "dense" or not r.trans_x
+                                        else x.shape[1], 1)
                 cap = max(min_rows, rows_per_feature * r.d)
                 prob[k] = min(1.0, cap / max(per_sample * n_total, 1.0))
-            pick = None if prob[k] >= 1.0 else np.nonzero(rng.random(n) < prob[k])[0]
+            pick = _pick(rng, n, prob[k], valid)
             if pick is not None and not len(pick):
                 continue
             d = r.d
@@ -274,6 +276,27 @@ def collect_hessians(model, consumers: list[Consumer], calib: Calibration, *,
         hs.append(H)
         info["rows"][r.node] = int(seen[k])
     return [hs[keys[c.hkey]] for c in consumers], info
+
+
+def valid_rows(c: Consumer, x_shape, mask: np.ndarray | None) -> np.ndarray | None:
+    """Which rows of a batch of consumer `c`'s input are real positions under the batch's
+    row mask ([batch, seq], `Calibration.row_mask`): for a dense layer whose input is laid
+    out [batch, seq, ..., features] (rows sample-major, then positions); None where the
+    mask does not apply (other layouts, convolutions, no mask)."""
+    if mask is None or c.kind != "dense" or c.trans_x or len(x_shape) < 3 or \
+            tuple(int(s) for s in x_shape[:2]) != tuple(mask.shape):
+        return None
+    m = np.asarray(mask, bool).reshape(tuple(mask.shape) + (1,) * (len(x_shape) - 3))
+    return np.broadcast_to(m, tuple(int(s) for s in x_shape[:-1])).reshape(-1)
+
+
+def _pick(rng, n: int, prob: float, valid: np.ndarray | None):
+    """Row indices to use (None: all `n`): the valid rows, each kept with probability
+    `prob` (the seeded subsample)."""
+    if valid is None:
+        return None if prob >= 1.0 else np.nonzero(rng.random(n) < prob)[0]
+    idx = np.nonzero(valid)[0]
+    return idx if prob >= 1.0 else idx[rng.random(len(idx)) < prob]
 
 
 def _row_chunks(r: Consumer, x: np.ndarray, pick):
@@ -475,7 +498,9 @@ def _blocks(c: Consumer, chans: np.ndarray, local_of: dict) -> dict[int, np.ndar
 
 
 class _State:
-    """One consumer inside one group's greedy pass: its matrix and inverse Hessian."""
+    """One consumer inside one group's greedy pass: its matrix and inverse Hessian, both
+    restricted to the inputs still present (the matrices shrink as inputs go, which makes
+    the downdates of a wide layer several times cheaper than on the full width)."""
 
     def __init__(self, c: Consumer, H: np.ndarray, W: np.ndarray, blocks, damp: float):
         use = c.d + 1 if c.intercept else c.d
@@ -486,9 +511,44 @@ class _State:
         self.Hinv = inv_psd(damped(Hc, damp, c.d))
         self.blocks = {q: c.h_index(e) for q, e in blocks.items()}
         self.gone = np.zeros(use, bool)
+        #: original input index -> row/column of M and Hinv now (-1: gone)
+        self.pos = np.arange(use)
+        # blocks of one size that share no element (a FFN's channels, a projection's
+        # heads): a block is either whole or gone, and the costs of all are computed at once
+        self.table = None
+        sizes = {len(v) for v in self.blocks.values()}
+        if len(sizes) == 1 and self.blocks:
+            allidx = np.concatenate(list(self.blocks.values()))
+            if len(np.unique(allidx)) == len(allidx):
+                nq = max(self.blocks) + 1
+                self.table = np.full((nq, sizes.pop()), -1, np.int64)
+                for q, v in self.blocks.items():
+                    self.table[q] = v
+
+    def _block_costs(self, I: np.ndarray) -> np.ndarray:
+        """OBS costs of removing each row of I (n, b: original input indices, all present)."""
+        P = self.pos[I]
+        if P.shape[1] == 1:
+            h = np.maximum(self.Hinv[P[:, 0], P[:, 0]], 1e-300)
+            return np.square(self.M[:, P[:, 0]]).sum(axis=0) / h
+        HB = self.Hinv[P[:, :, None], P[:, None, :]]    # (n, b, b)
+        MB = self.M[:, P].transpose(1, 2, 0)            # (n, b, rows)
+        try:
+            X = np.linalg.solve(HB, MB)
+        except np.linalg.LinAlgError:
+            X = np.linalg.pinv(HB) @ MB
+        return np.einsum("nbr,nbr->n", MB, X)
 
     def costs(self, qs: list[int]) -> np.ndarray:
         out = np.zeros(len(qs))
+        if self.table is not None:
+            q = np.asarray(qs, np.int64)
+            inside = np.nonzero(q < len(self.table))[0]
+            I = self.table[q[inside]]
+            ok = (I[:, 0] >= 0) & ~self.gone[np.maximum(I[:, 0], 0)]
+            if ok.any():
+                out[inside[ok]] = self._block_costs(I[ok])
+            return np.maximum(out, 0.0) / self.E
         by_size: dict[int, list[tuple[int, np.ndarray]]] = {}
         for k, q in enumerate(qs):
             idx = self.blocks.get(q)
@@ -499,18 +559,7 @@ class _State:
                 by_size.setdefault(len(idx), []).append((k, idx))
         for b, items in by_size.items():
             ks = np.array([k for k, _ in items])
-            I = np.stack([i for _, i in items])             # (n, b)
-            if b == 1:
-                h = np.maximum(self.Hinv[I[:, 0], I[:, 0]], 1e-300)
-                out[ks] = np.square(self.M[:, I[:, 0]]).sum(axis=0) / h
-                continue
-            HB = self.Hinv[I[:, :, None], I[:, None, :]]    # (n, b, b)
-            MB = self.M[:, I].transpose(1, 2, 0)            # (n, b, rows)
-            try:
-                X = np.linalg.solve(HB, MB)
-            except np.linalg.LinAlgError:
-                X = np.linalg.pinv(HB) @ MB
-            out[ks] = np.einsum("nbr,nbr->n", MB, X)
+            out[ks] = self._block_costs(np.stack([i for _, i in items]))
         return np.maximum(out, 0.0) / self.E
 
     def remove(self, qs) -> None:
@@ -521,14 +570,21 @@ class _State:
         e = e[~self.gone[e]]
         if not len(e):
             return
-        Hb = inv_psd(self.Hinv[np.ix_(e, e)])
-        G = self.Hinv[e, :]
-        self.M -= (self.M[:, e] @ Hb) @ G
-        self.Hinv -= G.T @ Hb @ G
+        p = self.pos[e]
+        keep = np.ones(len(self.Hinv), bool)
+        keep[p] = False
+        k = np.nonzero(keep)[0]
+        Hb = inv_psd(self.Hinv[np.ix_(p, p)])
+        G = self.Hinv[np.ix_(p, k)]                     # (|e|, kept)
+        HG = Hb @ G
+        M = self.M[:, k]
+        M -= self.M[:, p] @ HG
+        Hinv = self.Hinv[np.ix_(k, k)]
+        Hinv -= G.T @ HG
+        self.M, self.Hinv = M, Hinv
         self.gone[e] = True
-        self.M[:, e] = 0.0
-        self.Hinv[e, :] = 0.0
-        self.Hinv[:, e] = 0.0
+        self.pos[e] = -1
+        self.pos[~self.gone] = np.arange(len(k))
 
 
 def greedy_scores(analysis, consumers, hessians, *, damp: float = DAMP,
@@ -649,6 +705,7 @@ def sequential_updates(ob: "Obspa", plan, start: Updates | None = None, *,
     every = sorted({consumers[k].x for rnd in rounds for k in rnd})
     bs, per = batch_size_for(model, every, calib, max_bytes=DEFAULT_MAX_BYTES)
     batches = list(calib.batches(bs, n_total))
+    masks = list(calib.row_masks(bs, n_total))
     # both models run piece by piece: each round computes only the layers between the
     # previous round's inputs and its own (graphs with subgraphs: whole prefixes)
     f_orig = Frontier(model.proto, batches, path=model.path)
@@ -682,14 +739,15 @@ def sequential_updates(ob: "Obspa", plan, start: Updates | None = None, *,
                 if xt.shape[ax] != len(keep_in) * groups or x.dtype.kind != "f":
                     continue  # the pruned input is not simply the kept slices: skip
                 n = c.n_rows(x.shape)
+                valid = valid_rows(c, x.shape, masks[bi])
                 if k not in acc:
                     cap = max(MIN_ROWS, ROWS_PER_FEATURE * c.d)
-                    per_sample = n / max(x.shape[0], 1)
+                    per_sample = (n if valid is None else int(valid.sum())) / max(x.shape[0], 1)
                     p = min(1.0, cap / max(per_sample * n_total, 1.0))
                     kt = ct.d + (1 if c.intercept else 0)
                     acc[k] = [p, np.zeros((kt, kt)), np.zeros((c.d + 1, kt)), 0]
                 p = acc[k][0]
-                pick = None if p >= 1.0 else np.nonzero(rng.random(n) < p)[0]
+                pick = _pick(rng, n, p, valid)
                 if pick is not None and not len(pick):
                     continue
                 _, Ht, C, _ = acc[k]

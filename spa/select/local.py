@@ -31,16 +31,20 @@ def _count_members(analysis, g: int) -> list[np.ndarray]:
     return out
 
 
-def uniform(analysis, scores: list[np.ndarray], ratio: float, *, round_to: int = 1,
+def uniform(analysis, scores: list[np.ndarray], ratio, *, round_to: int = 1,
             exact_only: bool = False, criterion: str = "l2", options: dict | None = None) -> Plan:
-    """Keep the highest-scored (1 - ratio) of every group, never emptying a tensor."""
+    """Keep the highest-scored (1 - ratio) of every group, never emptying a tensor.
+    `ratio` may be a dict {group kind: ratio} ("channels", "heads", "groups"; kinds it
+    does not name lose nothing), e.g. a third of the attention heads and half of the FFN
+    channels of a transformer: {"heads": 1/3, "channels": 0.5}."""
     keep, sizes = {}, {}
     for g, grp in enumerate(analysis.groups):
         size = grp.channels
         sizes[g] = size
         if exact_only and not grp.exact:
             continue
-        n_keep = size - int(math.floor(ratio * size + 1e-9))
+        r = ratio.get(grp.kind, 0.0) if isinstance(ratio, dict) else ratio
+        n_keep = size - int(math.floor(r * size + 1e-9))
         if round_to > 1 and size >= round_to:
             n_keep = min(size, max(round_to, int(math.ceil(n_keep / round_to)) * round_to))
         n_keep = max(1, n_keep)
@@ -59,6 +63,6 @@ def uniform(analysis, scores: list[np.ndarray], ratio: float, *, round_to: int =
                 removed.append(int(ch))
         if removed:
             keep[g] = sorted(set(range(size)) - set(removed))
-    opts = {"ratio": ratio, "round_to": round_to, "exact_only": exact_only, **(options or {})}
+    opts = {"ratio": dict(ratio) if isinstance(ratio, dict) else ratio, "round_to": round_to, "exact_only": exact_only, **(options or {})}
     return Plan(keep, {g: sizes[g] for g in keep}, criterion, opts,
                 model_sha256(analysis.model))
