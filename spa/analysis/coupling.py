@@ -302,8 +302,9 @@ class Analysis:
 def _components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    m = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n))
+    m = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n)).tocsr()
     _, lab = connected_components(m, directed=True, connection="weak")
+    del m
     return lab.astype(np.int64)
 
 
@@ -389,8 +390,12 @@ def _unify_products(c: Coupler, label: np.ndarray) -> list:
 
 def _resolve(model, c: Coupler, opaque: list[dict]) -> Analysis:
     n_dims = len(c.keys)
-    src = np.concatenate(c.e_src) if c.e_src else np.zeros(0, np.int64)
-    dst = np.concatenate(c.e_dst) if c.e_dst else np.zeros(0, np.int64)
+    # element ids fit in int32 below 2**31 elements: half the memory of the edge lists
+    # (millions of elements for an LLM-sized graph) and no copy in scipy
+    idx = np.int32 if c.n_elems < 2**31 - 1 else np.int64
+    src = np.concatenate(c.e_src).astype(idx, copy=False) if c.e_src else np.zeros(0, idx)
+    dst = np.concatenate(c.e_dst).astype(idx, copy=False) if c.e_dst else np.zeros(0, idx)
+    c.e_src, c.e_dst = [], []  # (the per-rule pieces are in src/dst now)
     label = _components(c.n_elems, src, dst)
     # the same merged channels built twice from alike factors (K and V expanded the same
     # way for grouped-query attention): their factors are the same channels
@@ -398,9 +403,10 @@ def _resolve(model, c: Coupler, opaque: list[dict]) -> Analysis:
         extra = _unify_products(c, label)
         if not extra:
             break
-        src = np.concatenate([src] + [a for a, _ in extra])
-        dst = np.concatenate([dst] + [b for _, b in extra])
+        src = np.concatenate([src] + [a.astype(idx) for a, _ in extra])
+        dst = np.concatenate([dst] + [b.astype(idx) for _, b in extra])
         label = _components(c.n_elems, src, dst)
+    del src, dst
     n_classes = int(label.max()) + 1 if len(label) else 0
     de = np.array(sorted(c.d_edges), dtype=np.int64).reshape(-1, 2)
     comp = _components(n_dims, de[:, 0], de[:, 1])
@@ -492,7 +498,8 @@ def _resolve(model, c: Coupler, opaque: list[dict]) -> Analysis:
 
     # primary classes: in a prunable component and not derived from a product
     class_comp = np.full(n_classes, -1, np.int64)
-    dim_of_elem = np.repeat(np.arange(n_dims), c.length) if n_dims else np.zeros(0, np.int64)
+    dim_of_elem = np.repeat(np.arange(n_dims, dtype=np.int32), c.length) if n_dims else \
+        np.zeros(0, np.int32)
     first_elem = np.full(n_classes, np.iinfo(np.int64).max, np.int64)
     if c.n_elems:
         class_comp[label] = comp[dim_of_elem]

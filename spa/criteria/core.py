@@ -15,12 +15,20 @@ that choose between pipelines per group (bn_scale's fallback) define `channels`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
+from ..ir.external import ExternalTensor
+from ..ir.model import is_float
 from .aggregate import aggregate, member_pairs, slice_sums
+
+#: tensors of more than this many bytes are scored in blocks of rows by criteria whose
+#: saliency is elementwise, each block read from the file (external data) rather than
+#: mapped: scoring holds one block and its saliency, not the tensor
+BLOCK_BYTES = 32 << 20
 
 
 @dataclass
@@ -53,6 +61,8 @@ class Criterion:
     group_finish: Callable | None = None           # one group's scores -> scores
     needs: tuple = ()                              # gradient statistics: grad, fisher, hg
     default_normalize: str = "mean"
+    #: `weight` depends on each element alone (|w|, w²): big tensors are scored in blocks
+    elementwise: bool = False
 
     @property
     def needs_data(self) -> bool:
@@ -60,18 +70,61 @@ class Criterion:
 
 
 def param_members(analysis):
-    """Member dims that are floating-point parameters, in graph order, with their arrays."""
+    """Member dims that are floating-point parameters (float16 and bfloat16 too), in graph
+    order, with their arrays. A weight held by reference (external data, a pending slice)
+    is not read here: its array is a read-only stand-in of the right shape and dtype (one
+    zero, broadcast), enough for `accepts`; scores read the data through the consts."""
     consts = analysis.model.consts
     for key in analysis.member_keys():
-        arr = consts.get(key[0])
-        if arr is not None and np.issubdtype(arr.dtype, np.floating) and arr.ndim:
-            yield key, arr
+        name = key[0]
+        if name not in consts or not is_float(consts.dtype_of(name)) \
+                or not len(consts.shape(name)):
+            continue
+        if consts.ref(name) is None:
+            yield key, consts[name]
+        else:
+            yield key, np.broadcast_to(np.zeros((), consts.dtype_of(name)), consts.shape(name))
 
 
 def reduce_to_axis(a: np.ndarray, axis: int) -> np.ndarray:
     """Sum over every axis but `axis` (float64)."""
     others = tuple(k for k in range(a.ndim) if k != axis)
     return a.sum(axis=others, dtype=np.float64) if others else a.astype(np.float64)
+
+
+def _nbytes(consts, name: str) -> int:
+    return math.prod(consts.shape(name)) * np.dtype(consts.dtype_of(name)).itemsize
+
+
+def row_blocks(consts, name: str, block_bytes: int | None = None):
+    """(first row, rows) of a constant, about `block_bytes` (BLOCK_BYTES) at a time along
+    axis 0. Weights in external data files are read block by block (anonymous memory that
+    goes with the block; nothing stays mapped); others are sliced (views)."""
+    shape = consts.shape(name)
+    ref = consts.ref(name)
+    arr = None if isinstance(ref, ExternalTensor) else consts[name]
+    row = max(1, math.prod(shape[1:]) * np.dtype(consts.dtype_of(name)).itemsize)
+    step = max(1, (block_bytes or BLOCK_BYTES) // row)
+    for a in range(0, shape[0], step):
+        b = min(a + step, shape[0])
+        yield a, (ref.read_rows(a, b) if arr is None else arr[a:b])
+
+
+def _blockwise_sums(crit: Criterion, ctx: Context, name: str, keys: list) -> dict:
+    """Per-element scores (other axes summed, float64) of each member axis of one tensor,
+    from an elementwise saliency computed one block of rows at a time."""
+    shape = ctx.model.consts.shape(name)
+    out = {key: np.zeros(shape[key[1]], np.float64) for key in keys}
+    for a, blk in row_blocks(ctx.model.consts, name):
+        sal = crit.weight(blk, name, ctx)
+        for key in keys:
+            r = reduce_to_axis(sal, key[1])
+            if key[1] == 0:
+                out[key][a:a + len(r)] = r
+            else:
+                out[key] += r
+        sal = blk = None
+    return out
 
 
 def member_scores(crit: Criterion, ctx: Context) -> list[tuple]:
@@ -93,6 +146,14 @@ def member_scores(crit: Criterion, ctx: Context) -> list[tuple]:
     done = {}
     consts = analysis.model.consts
     for name, items in by_tensor.items():
+        if crit.elementwise and crit.slices is None and _nbytes(consts, name) > BLOCK_BYTES:
+            sums = _blockwise_sums(crit, ctx, name, [key for key, _ in items])
+            for key, pairs in items:
+                chans, vals = slice_sums(pairs, sums[key])
+                if crit.member_post is not None:
+                    vals = crit.member_post(vals)
+                done[key] = (chans, vals)
+            continue
         sal = None
         arr = consts[name]
         for key, pairs in items:

@@ -18,11 +18,17 @@ NORM_OPS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization",
 
 
 def _abs(a, name, ctx):
-    return np.abs(a)  # in the tensor's own precision; slices are summed in float64
+    return np.abs(_wide(a))  # slices are summed in float64
 
 
 def _square(a, name, ctx):
-    return np.square(a)
+    return np.square(_wide(a))
+
+
+def _wide(a: np.ndarray) -> np.ndarray:
+    """float16 / bfloat16 / float8 weights are scored in float32 (their squares overflow
+    or round in their own precision); float32 and float64 as they are."""
+    return a.astype(np.float32) if a.dtype.itemsize < 4 else a
 
 
 def _random(ctx: Context, how: str) -> np.ndarray:
@@ -99,7 +105,7 @@ def _bn_scale(ctx: Context, how: str) -> np.ndarray:
         raise UsageError("criterion 'bn_scale' needs normalisation layers (BatchNormalization, "
                          "LayerNormalization, ...) and the model has none whose scale is a "
                          "constant; use l1, l2 or fpgm", file=ana.model.path)
-    crit = Criterion("bn_scale", "", weight=_abs,
+    crit = Criterion("bn_scale", "", weight=_abs, elementwise=True,
                      accepts=lambda c, key, arr: key[0] in scales)
     members = member_scores(crit, ctx)
     glob = aggregate(ana.n_channels, members, how)
@@ -123,14 +129,15 @@ def _bn_scale(ctx: Context, how: str) -> np.ndarray:
 
 
 L1 = Criterion("l1", "L1 norm of everything a channel owns (Σ|w| over all members)",
-               weight=_abs)
+               weight=_abs, elementwise=True)
 L2 = Criterion("l2", "L2 norm of everything a channel owns (√ of the aggregated Σw²)",
-               weight=_square, finish=np.sqrt)
+               weight=_square, finish=np.sqrt, elementwise=True)
 RANDOM = Criterion("random", "uniform random scores (seeded): the baseline",
                    channels=_random)
 LAMP = Criterion("lamp", "LAMP: squared magnitude over the sum of the group's not-smaller "
                  "squared magnitudes (comparable across groups)", weight=_square,
-                 group_finish=lambda s: normalize(s, "lamp"), default_normalize="none")
+                 group_finish=lambda s: normalize(s, "lamp"), default_normalize="none",
+                 elementwise=True)
 FPGM = Criterion("fpgm", "FPGM: summed distance of a channel's slice to the other slices of "
                  "its layer (near the geometric median = replaceable)",
                  slices=_fpgm_slices, accepts=_matrices_only)

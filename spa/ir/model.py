@@ -459,10 +459,28 @@ def _dims_of(tp: onnx.TypeProto) -> tuple | None:
     return tuple(dims)
 
 
+def _small(t: TensorProto) -> bool:
+    """A tensor the skeleton keeps: scalars and shape-sized integer tensors."""
+    size = math.prod(t.dims)
+    return size <= 64 or (t.data_type in (TensorProto.INT64, TensorProto.INT32)
+                          and size <= 4096)
+
+
+def _big_constant(node: onnx.NodeProto, outputs: set) -> bool:
+    """A Constant node holding a weight (a `value` tensor the skeleton would not keep)."""
+    return (node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+            and not node.input and len(node.output) == 1 and node.output[0] not in outputs
+            and len(node.attribute) == 1 and node.attribute[0].name == "value"
+            and node.attribute[0].type == onnx.AttributeProto.TENSOR
+            and not _small(node.attribute[0].t))
+
+
 def _skeleton(model: Model) -> onnx.ModelProto:
-    """The model without its big weights: big initializers become typed graph inputs, so
-    that shape inference does not serialise hundreds of MB while small integer constants
-    (shape operands) stay visible to data propagation."""
+    """The model without its big weights: big initializers and Constant nodes that hold
+    weights become typed graph inputs, so that the checker and shape inference do not
+    serialise hundreds of MB (several copies each) while small integer constants (shape
+    operands) stay visible to data propagation. (Constant-node values were decoded, and so
+    checked, when the model was indexed.)"""
     g = model.graph
     sk = onnx.ModelProto()
     sk.ir_version = model.proto.ir_version
@@ -470,14 +488,21 @@ def _skeleton(model: Model) -> onnx.ModelProto:
     sk.functions.extend(model.proto.functions)
     sg = sk.graph
     sg.name = g.name
-    sg.node.extend(g.node)
+    outputs = {v.name for v in g.output}
+    big = [n for n in g.node if _big_constant(n, outputs)]
+    if big:
+        skip = {id(n) for n in big}
+        sg.node.extend(n for n in g.node if id(n) not in skip)
+    else:
+        sg.node.extend(g.node)
     init_names = {t.name for t in g.initializer}
     sg.input.extend(v for v in g.input if v.name not in init_names)
+    for n in big:
+        t = n.attribute[0].t
+        sg.input.append(onnx.helper.make_tensor_value_info(n.output[0], t.data_type,
+                                                           list(t.dims)))
     for t in g.initializer:
-        size = math.prod(t.dims)
-        small = size <= 64 or (t.data_type in (TensorProto.INT64, TensorProto.INT32)
-                               and size <= 4096)
-        if small:
+        if _small(t):
             sg.initializer.append(external.materialize(t))
         else:
             sg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
