@@ -454,6 +454,7 @@ def _resolve(model, c: Coupler, opaque: list[dict]) -> Analysis:
                         reasons.setdefault(fc, []).append(
                             (None, [f"axis split/merged in incompatible ways (node "
                                     f"{prods[k].node!r})"]))
+    del derived_by  # (a dict per merged class: tens of MB for an LLM-sized graph)
 
     def settle():
         changed = True
@@ -570,6 +571,7 @@ def _resolve(model, c: Coupler, opaque: list[dict]) -> Analysis:
         elif len(s) > 1:
             chan_of_class[cl] = -2
             multi[cl] = sorted(s)
+    del derived_chans, elems  # (a set per merged class)
 
     ana = Analysis(model, c, label, comp, [], chan_of_class, multi, group_of_chan,
                    local_of_chan, group_chans, [], opaque, prods)
