@@ -63,6 +63,7 @@ def uniform(analysis, scores: list[np.ndarray], ratio, *, round_to: int = 1,
                 removed.append(int(ch))
         if removed:
             keep[g] = sorted(set(range(size)) - set(removed))
-    opts = {"ratio": dict(ratio) if isinstance(ratio, dict) else ratio, "round_to": round_to, "exact_only": exact_only, **(options or {})}
+    opts = {"ratio": dict(ratio) if isinstance(ratio, dict) else ratio, "round_to": round_to,
+            "exact_only": exact_only, **(options or {})}
     return Plan(keep, {g: sizes[g] for g in keep}, criterion, opts,
                 model_sha256(analysis.model))
