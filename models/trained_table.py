@@ -20,16 +20,21 @@ SCRIPTS = {"torch": "models/train.py", "keras": "models/train_keras.py",
            "jax": "models/train_jax.py"}
 
 
+def _stages(r: dict) -> list[dict]:
+    """The training stages of a recipe, first first (`models.train --init` records the
+    checkpoint's recipe under `continued_from`)."""
+    return (_stages(r["continued_from"]) if r.get("continued_from") else []) + [r]
+
+
 def _recipe(r: dict) -> str:
-    parts = [f"{r.get('optimizer', '?')} lr {r.get('lr', '?')}"]
+    lrs = "/".join(str(s.get("lr", "?")) for s in _stages(r))
+    parts = [f"{r.get('optimizer', '?')} lr {lrs}"]
     if r.get("wd") is not None:
         parts.append(f"wd {r['wd']}")
     if r.get("batch") is not None:
         parts.append(f"batch {r['batch']}")
     if r.get("epochs") is not None:
-        first = r.get("continued_from") or {}
-        pre = f"{first['epochs']}+" if first.get("epochs") is not None else ""
-        parts.append(f"{pre}{r['epochs']} epochs")
+        parts.append("+".join(str(s["epochs"]) for s in _stages(r)) + " epochs")
     if r.get("schedule"):
         parts.append(str(r["schedule"]))
     if r.get("seed") is not None:
@@ -43,9 +48,7 @@ def markdown(trained_dir: Path = TRAINED) -> str:
     for sidecar in sorted(trained_dir.glob("*.json")):
         m = json.loads(sidecar.read_text())
         r = m.get("recipe", {})
-        secs = r.get("train_seconds")
-        if secs and (r.get("continued_from") or {}).get("train_seconds"):
-            secs += r["continued_from"]["train_seconds"]
+        secs = sum(s.get("train_seconds") or 0 for s in _stages(r))
         t = f"{secs / 60:.0f} min" if secs else "–"
         threads = r.get("threads")
         if secs and threads:
