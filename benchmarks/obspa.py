@@ -152,15 +152,8 @@ def table(rows_file: str) -> str:
 
 def write_doc(rows_file: str, doc: str = DOC) -> None:
     """Put `table(rows_file)` into ``doc`` between the obspa-trained markers."""
-    from spa.ir import write_text_atomic
-    text = open(doc).read()
-    block = f"{BEGIN}\n{table(rows_file)}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text_atomic(doc, text)
+    from spa.docgen import write_between
+    write_between(doc, BEGIN, END, table(rows_file))
 
 
 def main(argv=None) -> int:

@@ -175,15 +175,8 @@ def main(argv=None) -> int:
                     lines.append(row)
                     print(row, flush=True)
     if a.write:
-        from spa.ir import write_text_atomic
-        text = open(DOC).read()
-        block = f"{BEGIN}\n" + "\n".join(lines) + f"\n{END}"
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            text = head + block + rest.split(END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + block + "\n"
-        write_text_atomic(DOC, text)
+        from spa.docgen import write_between
+        write_between(DOC, BEGIN, END, "\n".join(lines))
         print(f"wrote {DOC}")
     return 0
 

@@ -50,6 +50,22 @@ def cli_reference() -> str:
 GENERATED = {"ops.md": ops_table, "cli.md": cli_reference}
 
 
+def write_between(doc: str, begin: str, end: str, body: str) -> None:
+    """Replace what lies between the markers ``begin`` and ``end`` in the file ``doc`` with
+    ``body`` (appending the marked block when the markers are missing), atomically; the
+    benchmarks write their tables into docs/ with it."""
+    from .ir import write_text_atomic
+    with open(doc) as f:
+        text = f.read()
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    write_text_atomic(doc, text)
+
+
 def main() -> int:
     os.environ.setdefault("COLUMNS", "100")
     for name, fn in GENERATED.items():
