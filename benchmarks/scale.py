@@ -31,6 +31,7 @@ Each stage runs in a fresh subprocess so that its peak memory is its own:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -264,40 +265,31 @@ def stage_prune(src: str, out: str) -> dict:
     sampler = Sampler()
     rec, marks = {}, {}
     rec["imports_rss"] = _status()["VmRSS"]  # interpreter, numpy, onnx, scipy, spa
-    sampler.mark("load")
-    t, c = time.perf_counter(), time.process_time()
-    model = spa.load(src)
-    rec["load_s"] = time.perf_counter() - t
-    rec["load_cpu"] = time.process_time() - c
-    marks["load"] = _status()["VmHWM"]
-    sampler.mark("analyze")
-    t, c = time.perf_counter(), time.process_time()
-    ana = spa.analyze(model)
-    rec["analyze_s"] = time.perf_counter() - t
-    rec["analyze_cpu"] = time.process_time() - c
-    marks["analyze"] = _status()["VmHWM"]
-    sampler.mark("plan")
-    t, c = time.perf_counter(), time.process_time()
-    plan = make_plan(model, ana, ratio=RATIO, criterion=CRITERION, exact_only=True)
-    rec["plan_s"] = time.perf_counter() - t
-    rec["plan_cpu"] = time.process_time() - c
-    marks["plan"] = _status()["VmHWM"]
-    sampler.mark("rewrite")
-    t, c = time.perf_counter(), time.process_time()
-    proto = apply_plan(model, ana, plan)
-    check(proto, model.proto, model.path)
-    after = stats(from_proto(proto, path=model.path))  # as spa.prune does
-    rec["rewrite_s"] = time.perf_counter() - t
-    rec["rewrite_cpu"] = time.process_time() - c
-    marks["rewrite"] = _status()["VmHWM"]
-    sampler.mark("save")
-    t, c = time.perf_counter(), time.process_time()
-    spa.save(proto, out, source=src)
-    rec["save_s"] = time.perf_counter() - t
+
+    @contextlib.contextmanager
+    def stage(name):
+        """Wall and CPU time of a stage, its sampled peaks and VmHWM at its end."""
+        sampler.mark(name)
+        t, c = time.perf_counter(), time.process_time()
+        yield
+        rec[f"{name}_s"] = time.perf_counter() - t
+        rec[f"{name}_cpu"] = time.process_time() - c
+        marks[name] = _status()["VmHWM"]
+
+    with stage("load"):
+        model = spa.load(src)
+    with stage("analyze"):
+        ana = spa.analyze(model)
+    with stage("plan"):
+        plan = make_plan(model, ana, ratio=RATIO, criterion=CRITERION, exact_only=True)
+    with stage("rewrite"):
+        proto = apply_plan(model, ana, plan)
+        check(proto, model.proto, model.path)
+        after = stats(from_proto(proto, path=model.path))  # as spa.prune does
+    with stage("save"):
+        spa.save(proto, out, source=src)
     with open(out + ".plan.json", "w") as f:  # for the oracle stage
         f.write(plan.dumps())
-    rec["save_cpu"] = time.process_time() - c
-    marks["save"] = _status()["VmHWM"]
     sampler.stop()
     before = stats(model)
     rec.update(before=before, after=after, groups=len(ana.groups),
