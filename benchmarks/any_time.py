@@ -164,6 +164,21 @@ def train_module(model, name: str, steps: int, subset: int, seed: int, lr: float
     return model, recipe, time.time() - t0
 
 
+def pending(a, key_of):
+    """The runs of a subcommand not yet in its results file, criterion by criterion, as
+    (criterion, model, selection, key); the selection is --select, or uniform for the
+    data-free `none` and `random`."""
+    for crit in a.criteria:
+        for name in a.models:
+            sel = "uniform" if crit in ("none", "random") else getattr(a, "select", None)
+            key = key_of(name, crit, sel)
+            if done(Path(a.results), key):
+                log(f"{key}: done already")
+                continue
+            log(f"== {key}")
+            yield crit, name, sel, key
+
+
 def init_torch(a) -> None:
     import numpy as np
     import torch
@@ -177,42 +192,36 @@ def init_torch(a) -> None:
     torch.set_num_interop_threads(1)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    for crit in a.criteria:
-        for name in a.models:
-            select = a.select if crit not in ("none", "random") else "uniform"
-            key = (f"init-torch/{name}/{crit}/{select}/{a.steps}x{a.subset}/lr{a.lr}/"
-                   f"seed{a.seed}")
-            if done(Path(a.results), key):
-                log(f"{key}: done already")
-                continue
-            log(f"== {key}")
-            torch.manual_seed(a.seed)
-            model = build(name)
-            row = {"key": key, "section": "init-torch", "model": name, "criterion": crit,
-                   "select": select, "target": TARGET if crit != "none" else None}
-            dense = work / f"{name}_init_s{a.seed}.onnx"
-            t0 = time.time()
-            if not dense.is_file():
-                export(model, (torch.zeros(2, 1, 28, 28),), dense, exporter="legacy")
-            row["dense_macs"], row["dense_params"] = macs_params(dense)
-            if crit != "none":
-                kw = dict(calib=str(CALIB)) if crit != "random" else {}
-                res = spa.prune(str(dense), criterion=crit, target=TARGET, select=select,
-                                seed=a.seed, **kw)
-                x = torch.from_numpy(np.load(CALIB)["input"][:8])
-                apply_plan(model, str(dense), res.plan, example_inputs=(x,), rtol=1e-3)
-                row["prune_seconds"] = round(time.time() - t0, 1)
-                row["plan_achieved"] = res.plan.options.get("achieved")
-            model, recipe, secs = train_module(model, name, a.steps, a.subset, a.seed, a.lr)
-            out = work / f"{name}_{crit}_{select}_s{a.seed}_trained.onnx"
-            export_onnx(model, out)
-            row["macs"], row["params"] = macs_params(out)
-            row["accuracy"] = round(evaluate_onnx(out, threads=a.threads), 4)
-            row.update(recipe=recipe, train_seconds=round(secs, 1), onnx=str(out),
-                       finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-            log(f"{key}: top-1 {row['accuracy']:.4f}, MACs {row['macs'] / row['dense_macs']:.3f}"
-                f" of dense, train {secs:.0f} s")
-            add_result(Path(a.results), row)
+    runs = pending(a, lambda name, crit, sel: f"init-torch/{name}/{crit}/{sel}/"
+                   f"{a.steps}x{a.subset}/lr{a.lr}/seed{a.seed}")
+    for crit, name, select, key in runs:
+        torch.manual_seed(a.seed)
+        model = build(name)
+        row = {"key": key, "section": "init-torch", "model": name, "criterion": crit,
+               "select": select, "target": TARGET if crit != "none" else None}
+        dense = work / f"{name}_init_s{a.seed}.onnx"
+        t0 = time.time()
+        if not dense.is_file():
+            export(model, (torch.zeros(2, 1, 28, 28),), dense, exporter="legacy")
+        row["dense_macs"], row["dense_params"] = macs_params(dense)
+        if crit != "none":
+            kw = dict(calib=str(CALIB)) if crit != "random" else {}
+            res = spa.prune(str(dense), criterion=crit, target=TARGET, select=select,
+                            seed=a.seed, **kw)
+            x = torch.from_numpy(np.load(CALIB)["input"][:8])
+            apply_plan(model, str(dense), res.plan, example_inputs=(x,), rtol=1e-3)
+            row["prune_seconds"] = round(time.time() - t0, 1)
+            row["plan_achieved"] = res.plan.options.get("achieved")
+        model, recipe, secs = train_module(model, name, a.steps, a.subset, a.seed, a.lr)
+        out = work / f"{name}_{crit}_{select}_s{a.seed}_trained.onnx"
+        export_onnx(model, out)
+        row["macs"], row["params"] = macs_params(out)
+        row["accuracy"] = round(evaluate_onnx(out, threads=a.threads), 4)
+        row.update(recipe=recipe, train_seconds=round(secs, 1), onnx=str(out),
+                   finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        log(f"{key}: top-1 {row['accuracy']:.4f}, MACs {row['macs'] / row['dense_macs']:.3f}"
+            f" of dense, train {secs:.0f} s")
+        add_result(Path(a.results), row)
 
 
 # --------------------------------------------------------------------------- ONNX only
@@ -283,46 +292,36 @@ def init_onnx(a) -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     logfile = work / "init_onnx.log"
-    for crit in a.criteria:
-        for name in a.models:
-            sel = a.select if crit not in ("none", "random") else "uniform"
-            key = (f"init-onnx/{name}/{crit}/{sel}/{a.optimizer or 'sgd'}/"
-                   f"{a.limit}/seed{a.seed}")
-            if done(Path(a.results), key):
-                log(f"{key}: done already")
-                continue
-            log(f"== {key}")
-            dense = untrained_onnx(name, work / f"{name}_init_s{a.seed}.onnx", a.seed)
-            row = {"key": key, "section": "init-onnx", "model": name, "criterion": crit,
-                   "select": sel}
-            row["dense_macs"], row["dense_params"] = macs_params(dense)
-            src = dense
-            if crit != "none":
-                src = work / f"{name}_init_{crit}_{sel}.onnx"
-                prune_cmd(a, dense, crit, src, logfile, row)
-            ft_run(a, key, row, src, work / f"{name}_init_{crit}_{sel}_trained.onnx", logfile)
+    runs = pending(a, lambda name, crit, sel: f"init-onnx/{name}/{crit}/{sel}/"
+                   f"{a.optimizer or 'sgd'}/{a.limit}/seed{a.seed}")
+    for crit, name, sel, key in runs:
+        dense = untrained_onnx(name, work / f"{name}_init_s{a.seed}.onnx", a.seed)
+        row = {"key": key, "section": "init-onnx", "model": name, "criterion": crit,
+               "select": sel}
+        row["dense_macs"], row["dense_params"] = macs_params(dense)
+        src = dense
+        if crit != "none":
+            src = work / f"{name}_init_{crit}_{sel}.onnx"
+            prune_cmd(a, dense, crit, src, logfile, row)
+        ft_run(a, key, row, src, work / f"{name}_init_{crit}_{sel}_trained.onnx", logfile)
 
 
 def finetune(a) -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     logfile = work / "finetune.log"
-    for crit in a.criteria:
-        for name in a.models:
-            key = f"finetune/{name}/{crit}/r{a.round_to}/{a.optimizer or 'sgd'}/{a.limit}"
-            if done(Path(a.results), key):
-                log(f"{key}: done already")
-                continue
-            log(f"== {key}")
-            orig = TRAINED / f"{name}.onnx"
-            row = {"key": key, "section": "finetune", "model": name, "criterion": crit,
-                   "round_to": a.round_to,
-                   "original_accuracy": json.loads((TRAINED / f"{name}.json").read_text())
-                   ["accuracy"]}
-            row["dense_macs"], row["dense_params"] = macs_params(orig)
-            pruned = work / f"{name}_{crit}_r{a.round_to}.onnx"
-            prune_cmd(a, orig, crit, pruned, logfile, row)
-            ft_run(a, key, row, pruned, work / f"{name}_{crit}_r{a.round_to}_ft.onnx", logfile)
+    runs = pending(a, lambda name, crit, sel: f"finetune/{name}/{crit}/r{a.round_to}/"
+                   f"{a.optimizer or 'sgd'}/{a.limit}")
+    for crit, name, _sel, key in runs:
+        orig = TRAINED / f"{name}.onnx"
+        row = {"key": key, "section": "finetune", "model": name, "criterion": crit,
+               "round_to": a.round_to,
+               "original_accuracy": json.loads((TRAINED / f"{name}.json").read_text())
+               ["accuracy"]}
+        row["dense_macs"], row["dense_params"] = macs_params(orig)
+        pruned = work / f"{name}_{crit}_r{a.round_to}.onnx"
+        prune_cmd(a, orig, crit, pruned, logfile, row)
+        ft_run(a, key, row, pruned, work / f"{name}_{crit}_r{a.round_to}_ft.onnx", logfile)
 
 
 # --------------------------------------------------------------------------- tables
