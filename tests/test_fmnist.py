@@ -129,12 +129,9 @@ def test_trained_model_prunes_under_the_oracle(onnx_path, ratio):
     pytest.importorskip("onnxruntime")
     import spa
     from spa.rewrite.apply import check
+    from oracle_util import assert_oracle_passes
     model = spa.load(str(onnx_path))
     res = spa.prune(model, ratio=ratio, do_verify=True, seed=1)
     check(res.proto, model.proto)
     assert res.after["params"] < 0.9 * res.before["params"]
-    if res.verify.exact:
-        assert res.verify.passed, f"oracle mismatch {res.verify.max_rel_error:.3g}"
-    else:
-        exact = spa.prune(model, ratio=ratio, do_verify=True, seed=1, exact_only=True)
-        assert exact.verify.passed, f"oracle mismatch {exact.verify.max_rel_error:.3g}"
+    assert_oracle_passes(model, res, ratio)
