@@ -338,24 +338,49 @@ def _frac(r, dense=None) -> str:
     return f"{100 * r['macs'] / m:.1f} % / {100 * r['params'] / p:.1f} %"
 
 
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def _by_setting(rows: list[dict]) -> dict:
+    """init-torch rows by (model, recipe label), in the order first seen; the recipe label
+    is steps × batch and the peak learning rate, e.g. "50 × 128, 0.02"."""
+    out: dict = {}
+    for r in rows:
+        rc = r["recipe"]
+        out.setdefault((r["model"], f"{rc['steps']} × {rc['batch']}, {rc['lr']:g}"),
+                       []).append(r)
+    return out
+
+
 def render(rows: list[dict]) -> dict[str, str]:
     tables = {}
-    # at init, torch
+    # at init, torch: one row per (model, recipe, criterion), the seeds side by side
     t = [r for r in rows if r["section"] == "init-torch"]
-    lines = ["| model | pruned at init with | MACs / params of dense | top-1 after training "
-             "| vs dense | train wall time |", "|---|---|---:|---:|---:|---:|"]
-    for name in dict.fromkeys(r["model"] for r in t):
-        mr = [r for r in t if r["model"] == name]
-        dense = next((r for r in mr if r["criterion"] == "none"), None)
-        order = {"none": 0, "random": 1, "snip": 2, "grasp": 3, "crop": 4}
-        for r in sorted(mr, key=lambda r: (order.get(r["criterion"], 9), r["select"])):
-            crit = "— (dense)" if r["criterion"] == "none" else \
-                f"`{r['criterion']}`" + (f", {r['select']}" if r["criterion"] != "random"
-                                          else ", uniform")
-            diff = "" if dense is None or r is dense else \
-                f"{100 * (r['accuracy'] - dense['accuracy']):+.2f}"
-            lines.append(f"| {name} | {crit} | {_frac(r, dense)} | {_pct(r['accuracy'])} "
-                         f"| {diff} | {r['train_seconds']:.0f} s |")
+    lines = ["| model | recipe: steps × batch, peak lr | pruned at init with "
+             "| MACs / params of dense | top-1 after training, per seed | mean "
+             "| vs dense (same seeds) | train wall time |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    order = {"none": 0, "random": 1, "snip": 2, "grasp": 3, "crop": 4}
+    for (name, recipe), runs in _by_setting(t).items():
+        dense = {r["recipe"]["seed"]: r for r in runs if r["criterion"] == "none"}
+        crits = {}
+        for r in runs:
+            crits.setdefault((r["criterion"], r["select"]), []).append(r)
+        for (crit, select), rs in sorted(crits.items(),
+                                         key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
+            rs.sort(key=lambda r: r["recipe"]["seed"])
+            label = "— (dense)" if crit == "none" else f"`{crit}`, {select}"
+            ref = dense.get(rs[0]["recipe"]["seed"])
+            paired = [(r, dense[r["recipe"]["seed"]]) for r in rs
+                      if r["recipe"]["seed"] in dense]
+            diff = "" if crit == "none" or not paired else \
+                f"{100 * _mean(r['accuracy'] - d['accuracy'] for r, d in paired):+.2f}"
+            seeds = " / ".join(f"{100 * r['accuracy']:.2f}" for r in rs)
+            lines.append(f"| {name} | {recipe} | {label} | {_frac(rs[0], ref)} "
+                         f"| {seeds} (seed {', '.join(str(r['recipe']['seed']) for r in rs)}) "
+                         f"| {_pct(_mean(r['accuracy'] for r in rs))} | {diff} "
+                         f"| {_mean(r['train_seconds'] for r in rs):.0f} s |")
     tables["init-torch"] = "\n".join(lines)
     # at init, ONNX only
     t = [r for r in rows if r["section"] == "init-onnx"]
@@ -391,16 +416,17 @@ def render(rows: list[dict]) -> dict[str, str]:
 def table(a) -> None:
     from spa.ir import write_text_atomic
 
-    text = DOC.read_text()
+    doc = Path(a.doc)
+    text = doc.read_text()
     for name, body in render(load_results(Path(a.results))).items():
         pat = re.compile(rf"(<!-- any-time:{name} -->\n)(?:.*?\n)?(<!-- /any-time:{name} -->)",
                          re.S)
         if not pat.search(text):
-            log(f"no markers for {name} in {DOC}; skipped")
+            log(f"no markers for {name} in {doc}; skipped")
             continue
         text = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
-    write_text_atomic(str(DOC), text)
-    log(f"wrote {DOC}")
+    write_text_atomic(str(doc), text)
+    log(f"wrote {doc}")
 
 
 # --------------------------------------------------------------------------- main
@@ -412,6 +438,7 @@ def main(argv=None) -> int:
         s = sub.add_parser(cmd)
         s.add_argument("--results", default=str(RESULTS))
         if cmd == "table":
+            s.add_argument("--doc", default=str(DOC))
             continue
         s.add_argument("--models", nargs="+", required=True)
         s.add_argument("--work", default="/tmp/any_time")
