@@ -511,14 +511,56 @@ def batch_statistics_model(model) -> onnx.ModelProto | None:
     return proto
 
 
+def entry_normalization(model, name: str):
+    """The affine normalisation a model applies to graph input `name` before anything
+    else, as (a, b, node names): the chain of Mul/Div/Add/Sub by constants (scalars or
+    per-channel vectors on axis 1) that alone reads the input, folded into x·a + b with a
+    and b broadcastable to the input. None when the input is not normalised that way (or
+    `a` has a zero)."""
+    rank = model.rank(name) or 0
+    a, b, t, where = np.float64(1.0), np.float64(0.0), name, []
+    while True:
+        readers = [n for n in model.nodes if t in n.input]
+        if len(readers) != 1 or readers[0].op_type not in ("Mul", "Div", "Add", "Sub") or \
+                len(readers[0].input) != 2:
+            break
+        node = readers[0]
+        other = node.input[1] if node.input[0] == t else node.input[0]
+        c = model.consts.get(other)
+        if c is None or c.dtype.kind != "f" or c.ndim > rank:
+            break
+        c = c.astype(np.float64).reshape((1,) * (rank - c.ndim) + c.shape)
+        if any(s != 1 for k, s in enumerate(c.shape) if k != 1):
+            break               # only scalars and per-channel constants
+        first = node.input[0] == t
+        if node.op_type == "Mul":
+            a, b = a * c, b * c
+        elif node.op_type == "Add":
+            b = b + c
+        elif node.op_type == "Sub":
+            a, b = (a, b - c) if first else (-a, c - b)
+        elif first and np.all(c != 0):      # Div: x / c
+            a, b = a / c, b / c
+        else:
+            break
+        where.append(model.node_name(node))
+        t = node.output[0]
+    if not where or np.any(np.asarray(a) == 0):
+        return None
+    return a, b, ", ".join(repr(w) for w in where)
+
+
 def synthesize(model, *, n: int = 256, seed: int = 0, batch_stats: bool = True) -> Calibration:
     """Inputs made up from the model: Gaussian noise, spatially smoothed, with one mean and
     one scale per float input, fitted so that the model's first BatchNormalization sees
     the channel means and variances it stored during training (its running statistics).
     Three smoothing widths are tried and the one whose induced statistics are closest to
     the stored ones (Gaussian KL divergence) is kept. Integer inputs (token ids) are
-    uniform over the range the model indexes. Without any BatchNormalization: standard
-    normal noise."""
+    uniform over the range the model indexes. Without any BatchNormalization: smoothed
+    standard-normal noise taken as the output of the model's input normalisation
+    (`entry_normalization`: x·a + b by constants right at the input, e.g. a Keras
+    Normalization or Rescaling layer) and mapped back through it; standard normal noise
+    when there is no such normalisation either."""
     from .runtime import dummy_inputs
     rng = np.random.default_rng(seed)
     specs = _input_specs(model)
@@ -529,11 +571,25 @@ def synthesize(model, *, n: int = 256, seed: int = 0, batch_stats: bool = True) 
     bn = _first_bn(model)
     notes = []
     if bn is None or not floats:
+        source = "synthetic (standard normal)"
         for k in floats:
-            arrays[k] = rng.standard_normal(base[k].shape).astype(base[k].dtype)
-        notes.append("no BatchNormalization to match: standard normal inputs")
-        return Calibration("synthetic", arrays, source="synthetic (standard normal)",
-                           notes=notes)
+            z = rng.standard_normal(base[k].shape)
+            prior = entry_normalization(model, k)
+            if prior is None:
+                arrays[k] = z.astype(base[k].dtype)
+                continue
+            # the model normalises this input as x·a + b: take that normalised tensor to
+            # be smooth standard-normal noise, i.e. the input (z − b) / a
+            a, b, where = prior
+            z = _blur(z, 2.0)
+            arrays[k] = ((z - b) / a).astype(base[k].dtype)
+            source = "synthetic (normal noise through the input normalisation's inverse)"
+            notes.append(f"input {k!r}: no BatchNormalization to match; smoothed standard "
+                         f"normal noise (sigma 2 px) taken as the output of the model's "
+                         f"input normalisation at {where}, mapped back through it")
+        if source.endswith("(standard normal)"):
+            notes.append("no BatchNormalization to match: standard normal inputs")
+        return Calibration("synthetic", arrays, source=source, notes=notes)
     target = bn.input[0]
     rm = model.consts[bn.input[3]].astype(np.float64)
     rv = np.maximum(model.consts[bn.input[4]].astype(np.float64), 1e-8)

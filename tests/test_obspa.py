@@ -386,3 +386,60 @@ def test_same_input_same_output_and_plan_replay(cnn_file):
         assert rc == 0, err
         outs.append(open(out, "rb").read())
     assert outs[0] == outs[1] == outs[2]
+
+
+def _normalised_cnn(chain):
+    """x -> the given chain of (op, constant, x first?) -> Conv -> Relu, no BatchNorm."""
+    g = G(seed=4)
+    t = g.input(["N", 3, 12, 12], name="x")
+    for op, c, first in chain:
+        c = g.const(np.asarray(c, np.float32))
+        t = g.op(op, [t, c] if first else [c, t])
+    y = g.op("Relu", [g.op("Conv", [t, g.w(4, 3, 3, 3), g.w(4)], pads=[1, 1, 1, 1])])
+    g.output(y)
+    return from_proto(g.model())
+
+
+@pytest.mark.parametrize("chain", [
+    # torch-style (x - mean) / std, per channel
+    [("Sub", np.array([0.2, 0.5, 0.8]).reshape(1, 3, 1, 1), True),
+     ("Div", np.array([0.25, 0.5, 2.0]).reshape(3, 1, 1), True)],
+    # Keras Normalization: x * (1/std) + (-mean/std), scalars
+    [("Mul", np.float32(4.0), True), ("Add", np.array([-1.2]), True)],
+    # constant first: 1 - x, then 3 * (.)
+    [("Sub", np.float32(1.0), False), ("Mul", np.float32(3.0), False)],
+])
+def test_synthetic_without_batchnorm_inverts_the_input_normalisation(chain):
+    model = _normalised_cnn(chain)
+    cal = load_calibration("synthetic", model, n_synthetic=64)
+    assert "mapped back through it" in cal.notes[0]
+    # the normalised tensor (the Conv's input) is unit-variance, zero-mean noise
+    conv = next(n for n in model.nodes if n.op_type == "Conv")
+    z = run_outputs(model.proto, [conv.input[0]], cal, limit=64)[conv.input[0]]
+    assert np.allclose(z.mean(axis=(0, 2, 3)), 0, atol=0.15)
+    assert np.allclose(z.std(axis=(0, 2, 3)), 1, atol=0.15)
+    # and the raw input is not (the prior went through the inverse)
+    x = cal.arrays["x"]
+    assert not np.allclose(x.std(axis=(0, 2, 3)), 1, atol=0.15) or \
+        not np.allclose(x.mean(axis=(0, 2, 3)), 0, atol=0.15)
+
+
+def test_synthetic_without_any_normalisation_is_standard_normal():
+    g = G(seed=4)
+    x = g.input(["N", 3, 8, 8], name="x")
+    g.output(g.op("Relu", [g.op("Conv", [x, g.w(4, 3, 3, 3)])]))
+    model = from_proto(g.model())
+    assert spa.activations.entry_normalization(model, "x") is None
+    cal = load_calibration("synthetic", model, n_synthetic=64)
+    assert cal.notes == ["no BatchNormalization to match: standard normal inputs"]
+    assert abs(float(cal.arrays["x"].std()) - 1) < 0.05
+    # an input read by two nodes has no usable normalisation either, nor one scaled by 0
+    for also_raw in (True, False):
+        g = G(seed=4)
+        x = g.input(["N", 3, 8, 8], name="x")
+        y = g.op("Conv", [g.op("Mul", [x, g.const(np.float32(0.0 if not also_raw else 2.0))]),
+                          g.w(4, 3, 3, 3)])
+        if also_raw:
+            y = g.op("Add", [y, g.op("Conv", [x, g.w(4, 3, 3, 3)])])
+        g.output(y)
+        assert spa.activations.entry_normalization(from_proto(g.model()), "x") is None
