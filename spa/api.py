@@ -15,7 +15,7 @@ from .ir import load, save_atomic
 from .ir.model import from_proto
 from .plan import Plan
 from .rewrite.apply import apply_plan, check
-from .select import (SELECTIONS, global_rank, knapsack, parse_target, uniform,
+from .select import (SELECTIONS, global_rank, global_ratio, knapsack, parse_target, uniform,
                      uniform_for_target)
 from .verify import verify as _verify, VerifyResult
 
@@ -84,8 +84,9 @@ def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to:
         if target.metric == "latency":
             from .latency import LatencySettings, attach
             attach(model, analysis, latency or LatencySettings(align=round_to))
-    elif select != "uniform":
-        raise UsageError(f"--select {select} needs a budget: give --target, e.g. flops:0.5")
+    elif select == "knapsack":
+        raise UsageError("--select knapsack needs a budget: give --target, e.g. flops:0.5 "
+                         "(with --ratio, --select is uniform or global)")
     normalize = default_normalize(criterion) if normalize is None else normalize
     scores, notes = evaluate(analysis, criterion, seed=seed, aggregate=aggregate, stats=stats)
     options = {"seed": seed}
@@ -98,6 +99,10 @@ def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to:
             options["objective"] = grads.objective
     if notes:
         options["criterion_notes"] = notes
+    if target is None and select == "global":
+        return global_ratio(analysis, scores, ratio, normalize=normalize,
+                            max_group_loss=max_group_loss, round_to=round_to,
+                            exact_only=exact_only, criterion=criterion, options=options)
     if target is None:
         return uniform(analysis, scores, ratio, round_to=round_to, exact_only=exact_only,
                        criterion=criterion, options=options)

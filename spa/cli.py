@@ -87,8 +87,9 @@ def _budget_args(args):
     """--target METRIC:FRACTION (malformed: exit 2 before anything is loaded)."""
     from .select import parse_target
     if args.target is None:
-        if args.select not in (None, "uniform"):
-            raise UsageError(f"--select {args.select} needs --target, e.g. --target flops:0.5")
+        if args.select == "knapsack":
+            raise UsageError("--select knapsack needs --target, e.g. --target flops:0.5 "
+                             "(with --ratio, --select is uniform or global)")
         return None
     if args.plan:
         raise UsageError("--target and --plan exclude each other (a plan is already chosen)")
@@ -441,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--select", default=None, choices=["uniform", "global", "knapsack"],
                    help="with --target: one ratio for all groups (bisection), one global "
                         "ranking, or the knapsack (MILP) that keeps the most importance "
-                        "(default uniform; knapsack for --criterion obspa)")
+                        "(default uniform; knapsack for --criterion obspa). With --ratio: "
+                        "uniform removes that fraction of every group, global that fraction "
+                        "of each group kind, ranked across its groups")
     q.add_argument("--normalize", default=None,
                    choices=["mean", "max", "sum", "none", "standardization", "lamp"],
                    help="per-group score normalisation for --select global/knapsack "

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import spa
-from models.synthetic import G, load_proto, stacked
+from models.synthetic import G, bert_base_like, load_proto, stacked
 from spa import cost
 from spa.cli import main as cli_main
 from spa.criteria import score
 from spa.ir.model import from_proto
-from spa.select import (global_rank, knapsack, normalize, parse_target, uniform,
+from spa.select import (global_rank, global_ratio, knapsack, normalize, parse_target, uniform,
                         uniform_for_target)
 from test_property import cnn_dag, seq_dag
 
@@ -229,3 +229,69 @@ def test_cli_target(tmp_path, capsys):
     assert r["select"] == "global" and r["target"] == {"metric": "flops", "fraction": 0.4}
     assert 0.38 <= r["achieved"] <= 0.4
     assert r["after"]["macs"] <= 0.4 * r["before"]["macs"]
+
+
+# -- a ratio, ranked across the groups of each kind ----------------------------------------
+
+def test_global_ratio_per_kind_on_a_transformer():
+    m = load_proto(bert_base_like(layers=3, hidden=64, heads=4, ffn=128, seq=8, vocab=50))
+    ana = spa.analyze(m)
+    rng = np.random.default_rng(0)
+    scores = [rng.random(len(c)) for c in ana.group_chans]
+    heads = [g for g, grp in enumerate(ana.groups) if grp.kind == "heads"]
+    ffn = [g for g, grp in enumerate(ana.groups) if grp.kind == "channels" and
+           grp.channels == 128]
+    assert len(heads) == 3 and len(ffn) == 3
+    # make layer 0's heads and FFN clearly the least important: the ranking across groups
+    # must take from it first (up to the cap), where uniform takes evenly
+    scores[heads[0]] *= 0.01
+    scores[ffn[0]] *= 0.01
+    plan = global_ratio(ana, scores, {"heads": 0.25, "channels": 0.25}, normalize="none",
+                        max_group_loss=0.5)
+    plan.validate(ana)
+    kept = {g: len(plan.keep.get(g, range(ana.groups[g].channels))) for g in heads + ffn}
+    # 3 of the 12 heads go: 2 from layer 0 (its cap), the next lowest from layer 1 or 2
+    assert kept[heads[0]] == 2 and sorted(kept[g] for g in heads[1:]) == [3, 4]
+    chans = [g for g, grp in enumerate(ana.groups) if grp.kind == "channels"]
+    total = sum(ana.groups[g].channels for g in chans)
+    lost = sum(ana.groups[g].channels - len(plan.keep.get(g, range(ana.groups[g].channels)))
+               for g in chans)
+    assert kept[ffn[0]] == 64 and lost == int(0.25 * total)
+    assert plan.options["achieved"]["heads"] == 0.25
+    assert plan.options["select"] == "global"
+    # the removed are the lowest of the pooled scores among what the caps allow
+    gone1 = sorted(set(range(128)) - set(plan.keep.get(ffn[1], range(128))))
+    gone2 = sorted(set(range(128)) - set(plan.keep.get(ffn[2], range(128))))
+    left = np.concatenate([np.delete(scores[ffn[1]], gone1), np.delete(scores[ffn[2]], gone2)])
+    assert max(scores[ffn[1]][gone1].max(initial=0), scores[ffn[2]][gone2].max(initial=0)) \
+        <= left.min()
+    # kinds the ratio does not name lose nothing; the plan passes the oracle
+    p2 = global_ratio(ana, scores, {"heads": 0.25}, normalize="none")
+    assert set(p2.keep) <= set(heads) and "channels" not in p2.options["achieved"]
+    # the exact groups only (LayerNorm'd hidden channels are approximate): the oracle holds
+    pe = global_ratio(ana, scores, {"heads": 0.25, "channels": 0.25}, normalize="none",
+                      max_group_loss=0.5, exact_only=True)
+    assert pe.keep and all(ana.groups[g].exact for g in pe.keep)
+    res = spa.prune(m, plan=pe, do_verify=True)
+    assert res.verify.passed and res.verify.exact
+
+
+def test_global_ratio_float_round_to_and_cli(zoo, tmp_path):
+    m, ana, scores = zoo("resnet20")
+    total = sum(g.channels for g in ana.groups)
+    plan = global_ratio(ana, scores, 0.4, normalize="mean")
+    plan.validate(ana)
+    assert sum(len(plan.keep.get(g, range(grp.channels))) for g, grp in
+               enumerate(ana.groups)) == total - int(0.4 * total)
+    # not the same fraction everywhere (the point of ranking across groups)
+    fr = {1 - len(ks) / ana.groups[g].channels for g, ks in plan.keep.items()}
+    assert len(fr) > 2
+    p4 = global_ratio(ana, scores, 0.4, normalize="mean", round_to=4)
+    assert all(len(ks) % 4 == 0 for g, ks in p4.keep.items() if ana.groups[g].channels >= 4)
+    assert p4.options["achieved"]["channels"] <= plan.options["achieved"]["channels"]
+    src = str(export_zoo_entry("resnet20", exporter="dynamo"))
+    out, rep = str(tmp_path / "o.onnx"), str(tmp_path / "r.json")
+    assert cli_main(["prune", src, "-o", out, "--ratio", "0.4", "--select", "global",
+                     "--verify", "--report", rep]) == 0
+    r = json.load(open(rep))
+    assert r["verify"]["passed"] and r["after"]["params"] < r["before"]["params"]

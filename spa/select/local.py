@@ -67,3 +67,71 @@ def uniform(analysis, scores: list[np.ndarray], ratio, *, round_to: int = 1,
             "exact_only": exact_only, **(options or {})}
     return Plan(keep, {g: sizes[g] for g in keep}, criterion, opts,
                 model_sha256(analysis.model))
+
+
+def global_ratio(analysis, scores: list[np.ndarray], ratio, *, normalize: str = "mean",
+                 max_group_loss: float = 0.9, round_to: int = 1, exact_only: bool = False,
+                 criterion: str = "l2", options: dict | None = None) -> Plan:
+    """Remove `ratio` of the channels of each group kind, ranked across groups: the
+    scores (normalised per group by `normalize`, see spa.criteria.aggregate.normalize) of
+    all groups of one kind go into one ascending order, and channels leave in that order
+    until that kind has lost round(ratio · its channels), so the criterion decides how much
+    each group loses. `ratio` is a float (every kind) or a dict {kind: ratio} like
+    `uniform`'s. A group loses at most floor(max_group_loss · size) channels, keeps at
+    least one, and never empties a member tensor; with `round_to` > 1 the kept count of a
+    group is rounded up to a multiple of round_to (groups of at least round_to channels),
+    so a kind can lose a little less than asked. What each kind lost is recorded in the
+    plan's options (`achieved`)."""
+    from ..criteria.aggregate import normalize as norm
+    if not 0.0 <= max_group_loss <= 1.0:
+        from ..errors import UsageError
+        raise UsageError(f"--max-group-loss must be in [0, 1], got {max_group_loss}")
+    removed: dict[int, list[int]] = {}
+    achieved = {}
+    for kind in sorted({g.kind for g in analysis.groups}):
+        r = ratio.get(kind, 0.0) if isinstance(ratio, dict) else ratio
+        gs = [g for g, grp in enumerate(analysis.groups) if grp.kind == kind and
+              not (exact_only and not grp.exact)]
+        total = sum(analysis.groups[g].channels for g in
+                    range(len(analysis.groups)) if analysis.groups[g].kind == kind)
+        want = int(math.floor(r * total + 1e-9))
+        if not gs or want == 0:
+            continue
+        pool = np.concatenate([norm(scores[g], normalize) for g in gs])
+        owner = np.concatenate([np.full(analysis.groups[g].channels, g) for g in gs])
+        local = np.concatenate([np.arange(analysis.groups[g].channels) for g in gs])
+        left = {g: [t for t, _ in _member_counts(analysis, g)] for g in gs}
+        cap = {g: min(analysis.groups[g].channels - 1,
+                      int(math.floor(max_group_loss * analysis.groups[g].channels + 1e-9)))
+               for g in gs}
+        got = 0
+        for k in np.argsort(pool, kind="stable"):
+            if got == want:
+                break
+            g, ch = int(owner[k]), int(local[k])
+            rm = removed.setdefault(g, [])
+            if len(rm) >= cap[g]:
+                continue
+            members = _member_counts(analysis, g)
+            if not all(left[g][m] - cnt[ch] > 0 for m, (_, cnt) in enumerate(members)):
+                continue
+            for m, (_, cnt) in enumerate(members):
+                left[g][m] -= cnt[ch]
+            rm.append(ch)
+            got += 1
+        for g in gs:
+            size = analysis.groups[g].channels
+            rm = removed.get(g, [])
+            if round_to > 1 and size >= round_to and rm:
+                n_keep = int(math.ceil((size - len(rm)) / round_to)) * round_to
+                del rm[max(0, size - n_keep):]    # the last removed are the most important
+            if not rm:
+                removed.pop(g, None)
+        achieved[kind] = round(sum(len(removed.get(g, [])) for g in gs) / total, 6)
+    keep = {g: sorted(set(range(analysis.groups[g].channels)) - set(rm))
+            for g, rm in removed.items()}
+    opts = {"ratio": dict(ratio) if isinstance(ratio, dict) else ratio, "select": "global",
+            "normalize": normalize, "max_group_loss": max_group_loss, "round_to": round_to,
+            "exact_only": exact_only, "achieved": achieved, **(options or {})}
+    return Plan(keep, {g: analysis.groups[g].channels for g in keep}, criterion, opts,
+                model_sha256(analysis.model))
