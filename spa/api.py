@@ -120,7 +120,7 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
           input_shapes: dict | None = None, target=None, select: str | None = None,
           normalize: str | None = None, max_group_loss: float = 0.9,
           latency=None, calib=None, aggregate: str = "sum",
-          calib_samples: int | None = None) -> PruneResult:
+          calib_samples: int | None = None, damp: float | None = None) -> PruneResult:
     """Analyze, plan (or take the given plan), rewrite and optionally verify a model.
     A "latency:F" target measures: see spa.latency.prune_to_latency.
     criterion "obspa": `calib` is an .npz path, "synthetic" or "none" (default
@@ -128,7 +128,8 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
     checks the structural plan before reconstruction with the oracle.
     Gradient criteria (taylor, hessian, snip, grasp, crop; docs/criteria.md): `calib` is an
     .npz path (optional `labels`), "synthetic", or a spa.activations.Calibration;
-    `calib_samples` uses only the first N samples."""
+    `calib_samples` uses only the first N samples. `damp` (obspa only): the Hessian
+    damping, λ = damp · mean diagonal (default spa.rewrite.reconstruct.DAMP, 0.01)."""
     if isinstance(model, (str, os.PathLike)):
         model = load(model)
     crit = None if criterion == "obspa" else get_criterion(criterion)
@@ -141,6 +142,10 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
         raise UsageError(f"criterion {criterion!r} needs calibration data for its gradients: "
                          "give --calib FILE.npz (one array per graph input, first axis = "
                          "samples, optional 'labels') or --calib synthetic")
+    if damp is not None and criterion != "obspa":
+        raise UsageError(f"--damp applies to --criterion obspa only, not {criterion!r}")
+    if damp is not None and not (0.0 < damp < float("inf")):
+        raise UsageError(f"--damp must be a positive number, got {damp}")
     if calib_samples is not None and calib_samples < 1:
         raise UsageError(f"--calib-samples must be >= 1, got {calib_samples}")
     if aggregate not in AGGREGATIONS:
@@ -165,7 +170,7 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
         from .criteria.obspa import Obspa
         ob = Obspa(model, analysis, _first_samples(load_calibration(
             DEFAULT_CALIB if calib is None else calib, model, seed=seed), calib_samples),
-            seed=seed)
+            seed=seed, **({} if damp is None else {"damp": float(damp)}))
         analysis.__dict__["_obspa"] = ob
     proto = None
     if plan is None:
@@ -189,6 +194,7 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
         updates = ob.reconstruct(plan)
         plan.options.setdefault("calib", ob.calib.mode)
         plan.options.setdefault("reconstruct", True)
+        plan.options.setdefault("damp", ob.damp)
         proto = apply_plan(model, analysis, plan, updates)
     check(proto, model.proto, model.path)
     pruned = from_proto(proto, path=model.path, infer=True)

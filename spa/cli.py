@@ -160,7 +160,8 @@ def cmd_prune(args) -> int:
                     exact_only=args.exact_only, progress=_progress("analyze"),
                     target=target, select=args.select, normalize=args.normalize,
                     max_group_loss=args.max_group_loss, latency=latency, calib=args.calib,
-                    aggregate=args.aggregate, calib_samples=args.calib_samples)
+                    aggregate=args.aggregate, calib_samples=args.calib_samples,
+                    damp=args.damp)
     if target is not None:
         print(f"target {target.name}:{target.fraction:g} "
               f"({res.plan.options.get('select', args.select)} selection): achieved "
@@ -426,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "or, for obspa only, 'none' (statistics stored in the model)")
     q.add_argument("--calib-samples", type=int, metavar="N",
                    help="use only the first N calibration samples")
+    q.add_argument("--damp", type=float, metavar="F",
+                   help="obspa: Hessian damping, F times the mean diagonal (default 0.01; "
+                        "larger regularises the reconstruction towards plain slicing, for "
+                        "few calibration samples or calibration text unlike the use)")
     q.add_argument("--round-to", type=int, default=None,
                    help="keep group sizes multiples of N (default 1; with --target latency:F "
                         "the provider's channel block: 16 on AVX-512 CPUs, else 8)")

@@ -369,8 +369,8 @@ def test_sequential_refit_piecewise_equals_whole_prefix_runs(tmp_path, monkeypat
     monkeypatch.setattr(ob, "FRONTIER_BYTES", 0)
     b = run()
     assert a.keys() == b.keys()
-    for k in a:
-        assert np.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    for k in a:  # equal up to float32 rounding of the activations (relative to the tensor)
+        assert np.abs(a[k] - b[k]).max() <= 1e-4 * max(np.abs(a[k]).max(), 1e-6), k
 
 
 def test_same_input_same_output_and_plan_replay(cnn_file):
@@ -443,3 +443,39 @@ def test_synthetic_without_any_normalisation_is_standard_normal():
             y = g.op("Add", [y, g.op("Conv", [x, g.w(4, 3, 3, 3)])])
         g.output(y)
         assert spa.activations.entry_normalization(from_proto(g.model()), "x") is None
+
+
+def test_cross_update_prior_is_the_damped_minimiser():
+    from spa.rewrite.reconstruct import cross_update, damped
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 6))
+    Xt = X[:, :4] + 0.1 * rng.standard_normal((200, 4))
+    M = rng.standard_normal((3, 6))
+    C, Ht = X.T @ Xt / 200, Xt.T @ Xt / 200
+    prior = M[:, :4]
+    for damp in (0.01, 1.0):
+        W = cross_update(M, C, Ht, damp, prior=prior)
+        lam = damped(Ht, damp)[0, 0] - Ht[0, 0]
+        # gradient of E‖Mx − Wx̃‖² + λ‖W − prior‖² vanishes
+        grad = W @ Ht - M @ C + lam * (W - prior)
+        assert np.abs(grad).max() < 1e-9
+    # huge damping: towards the prior (plain slicing), not towards zero
+    assert np.allclose(cross_update(M, C, Ht, 1e8, prior=prior), prior, atol=1e-5)
+    assert np.abs(cross_update(M, C, Ht, 1e8)).max() < 1e-5
+
+
+def test_damp_option(cnn_file):
+    path, d = cnn_file
+    out, rep = d / "damped.onnx", d / "damped.json"
+    rc, _, err = spa_cli("prune", path, "-o", out, "--criterion", "obspa", "--calib",
+                         "synthetic", "--ratio", "0.5", "--damp", "0.5", "--report", rep)
+    assert rc == 0, err
+    r = json.load(open(rep))
+    assert r["plan"]["options"]["damp"] == 0.5 and r["obspa"]["damp"] == 0.5
+    for bad in (["--damp", "0"], ["--damp", "nan"], ["--damp", "-1"]):
+        rc, _, err = spa_cli("prune", path, "-o", d / "bad.onnx", "--criterion", "obspa",
+                             *bad)
+        assert rc == 2 and "--damp must be a positive number" in err
+    rc, _, err = spa_cli("prune", path, "-o", d / "bad.onnx", "--damp", "0.1")
+    assert rc == 2 and "--damp applies to --criterion obspa only" in err
+    assert not os.path.exists(d / "bad.onnx")

@@ -689,7 +689,9 @@ def sequential_updates(ob: "Obspa", plan, start: Updates | None = None, *,
     """Refit, round by round in graph order, every affected layer so that on the pruned
     model's inputs x̃ (kept slices, earlier layers already refitted) it reproduces the
     original layer's output on the original inputs x: W = M E[x x̃ᵀ] E[x̃ x̃ᵀ]⁻¹ (plus the
-    bias). The errors of earlier layers are then corrected instead of compounded."""
+    bias), damped towards the plainly sliced weights W_s: W = (M E[x x̃ᵀ] + λ W_s)
+    (E[x̃ x̃ᵀ] + λI)⁻¹. The errors of earlier layers are then corrected instead of
+    compounded."""
     from ..rewrite.apply import apply_plan
     from ..rewrite.reconstruct import Writer, cross_update
     model, analysis, calib = ob.model, ob.analysis, ob.calib
@@ -777,15 +779,17 @@ def sequential_updates(ob: "Obspa", plan, start: Updates | None = None, *,
             M = np.zeros((c.matrix(model.consts[c.weight]).shape[0], use))
             M[:, :c.d] = c.matrix(model.consts[c.weight])
             Cu = C[:use]
-            Wt = cross_update(M, Cu, Ht, ob.damp, dt)
             cols = c.h_index(keep_in)
+            Ws = M[:, list(cols) + ([c.d] if c.intercept else [])]
+            # damped towards the plainly sliced weights (not towards zero): with few or
+            # unrepresentative calibration rows the fit stays near the original layer
+            Wt = cross_update(M, Cu, Ht, ob.damp, dt, prior=Ws)
             H = ob.hessians[k][:use, :use]
             energy = max(float(np.einsum("ij,ij->", M @ H, M)), 1e-30)
 
             def err(W):
                 return (energy - 2 * float(np.einsum("ij,ij->", M @ Cu, W)) +
                         float(np.einsum("ij,ij->", W @ Ht, W)))
-            Ws = M[:, list(cols) + ([c.d] if c.intercept else [])]
             e_fit, e_slice = err(Wt), err(Ws)
             if e_fit > e_slice:
                 Wt, e_fit = Ws, e_slice

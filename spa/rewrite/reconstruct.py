@@ -287,11 +287,17 @@ def quad_error(D: np.ndarray, H: np.ndarray) -> float:
 
 
 def cross_update(M: np.ndarray, C: np.ndarray, Ht: np.ndarray, damp: float = DAMP,
-                 n_inputs: int | None = None) -> np.ndarray:
+                 n_inputs: int | None = None, prior: np.ndarray | None = None) -> np.ndarray:
     """Least squares from other inputs: the matrix W minimising E‖M x − W x̃‖² given the
     cross moment C = E[x x̃ᵀ] (D × k) and the moment Ht = E[x̃ x̃ᵀ] (k × k, damped):
-    W = M C Ht⁻¹. With x̃ = x restricted to the kept entries this is `ls_update`."""
-    return solve_psd(damped(Ht, damp, n_inputs), (M @ C).T).T
+    W = M C Ht⁻¹. With x̃ = x restricted to the kept entries this is `ls_update`. With a
+    `prior` (rows × k), the damping pulls W towards it instead of towards zero:
+    W = (M C + λ prior)(Ht + λI)⁻¹, the minimiser of E‖M x − W x̃‖² + λ‖W − prior‖²."""
+    Hd = damped(Ht, damp, n_inputs)
+    rhs = M @ C
+    if prior is not None:
+        rhs = rhs + (np.diag(Hd) - np.diag(Ht))[None, :] * prior
+    return solve_psd(Hd, rhs.T).T
 
 
 class Writer:
