@@ -2,19 +2,13 @@
 resumable run loop (recorded runs are skipped), and the doc tables (seeds side by side,
 differences to the dense model of the same seeds and recipe, written between markers)."""
 import argparse
-import importlib.util
-import os
 from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench_util import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_any_time", os.path.join(ROOT, "benchmarks", "any_time.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("any_time")
 
 
 def torch_row(model, crit, seed, acc, steps=50, lr=0.02, macs=50, params=40):

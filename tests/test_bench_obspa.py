@@ -1,18 +1,12 @@
 """benchmarks/obspa.py's results file and doc table: rows recorded as they come, later rows
 replace earlier ones, the table lands between the markers and nowhere else."""
-import importlib.util
 import json
-import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench_util import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_obspa", os.path.join(ROOT, "benchmarks", "obspa.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("obspa")
 
 
 def _rows(path, rows):
