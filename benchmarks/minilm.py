@@ -25,9 +25,13 @@ the vocabulary, random 0/1 attention mask), `sentences` (the 32
 disjoint from the evaluation sentences; each is about 12 tokens, so most of the 128
 positions are padding, which obspa leaves out through the attention mask), `packed` (32
 sequences of the same sentences joined in random orders and cut at 128 tokens: every
-position a real token) and `docs` (128 sequences of 128 tokens packed from Python
+position a real token), `docs` (128 sequences of 128 tokens packed from Python
 standard-library docstring sentences, `models.minilm.docstring_sentences`: 16,384 real
-tokens of technical English, none of them evaluation sentences).
+tokens of technical English, none of them evaluation sentences) and `mixed` (256 of those
+docstring sentences, one per sequence, plus the 32 calibration sentences four times: 384
+short sequences, padding masked; with `damp=0.1`), `mixed-global` the
+same with `select="global"` (the heads and FFN channels removed wherever they cost least,
+across layers, instead of the same number per layer).
 
 Each (method, setting) row is saved to .cache/minilm/<method>-<setting>.json, so runs can
 be split; the table is made from all saved rows.
@@ -56,7 +60,14 @@ CACHE = os.path.join(ROOT, ".cache", "minilm")
 DOC = os.path.join(ROOT, "docs", "zoo.md")
 BEGIN, END = "<!-- minilm.py:begin -->", "<!-- minilm.py:end -->"
 METHODS = ("l2", "obspa-none", "obspa-synthetic", "obspa-sentences", "obspa-packed",
-           "obspa-docs")
+           "obspa-docs", "obspa-mixed", "obspa-mixed-global")
+#: spa.prune options of a method beyond its calibration: `mixed` is regularised harder
+#: (few real rows per FFN input, and calibration text partly unlike the evaluation's)
+OPTIONS = {"obspa-mixed": {"damp": 0.1},
+           "obspa-mixed-global": {"damp": 0.1, "select": "global"}}
+MIXED_DOCS = 256
+#: the 32 calibration sentences (everyday English, like the evaluation's) weigh 4× in `mixed`
+MIXED_REPEAT = 4
 #: a fraction of every group, or "issue": a third of the heads and half of the FFN channels
 #: (issue #5's MiniLM setting)
 RATIOS = ("0.3", "0.5", "issue")
@@ -101,12 +112,18 @@ def calibration_file(kind: str) -> str:
     each the 32 sentences joined in a seeded random order and cut at 128 tokens, so that
     every position is a real token. `docs`: 128 sequences of 128 tokens of Python
     standard-library docstring sentences (`packed_docs`: about 1,100 sentences, 16,384
-    real tokens)."""
+    real tokens). `mixed`: 256 docstring sentences (seeded choice), one per sequence, and
+    the 32 calibration sentences repeated 4 times (so that the everyday English they share
+    with the use weighs as much as the technical text)."""
     os.makedirs(CACHE, exist_ok=True)
     path = os.path.join(CACHE, f"calib_{kind}.npz")
     texts = list(minilm.CALIB_SENTENCES)
     if kind == "docs":
         texts = packed_docs()
+    if kind == "mixed":  # docstring sentences one per sequence, then the 32 sentences ×4
+        sents = docstring_sentences()
+        order = np.random.default_rng(0).permutation(len(sents))[:MIXED_DOCS]
+        texts = [sents[i] for i in order] + texts * MIXED_REPEAT
     if kind == "packed":
         rng = np.random.default_rng(0)
         texts = [" ".join(texts[j] for j in rng.permutation(len(texts))) for _ in texts]
@@ -120,9 +137,10 @@ def calibration_file(kind: str) -> str:
 def run_one(model, method: str, ratio: str, base_emb, feeds) -> dict:
     kw = {}
     if method.startswith("obspa"):
-        calib = method.split("-", 1)[1]
+        calib = method.split("-")[1]
         kw = {"criterion": "obspa", "calib": calibration_file(calib)
-              if calib in ("sentences", "packed", "docs") else calib}
+              if calib in ("sentences", "packed", "docs", "mixed") else calib,
+              **OPTIONS.get(method, {})}
     t0, c0 = time.perf_counter(), time.process_time()
     res = spa.prune(model, ratio=ISSUE if ratio == "issue" else float(ratio), seed=0, **kw)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -136,7 +154,7 @@ def run_one(model, method: str, ratio: str, base_emb, feeds) -> dict:
     ffn = [kept[g.id] for g in groups if g.kind == "channels" and g.channels == 1536]
     emb = minilm.embed(res.proto, feeds)
     cos = minilm.cosine(base_emb, emb)
-    return {"method": method, "ratio": ratio, "heads_kept": heads, "heads_total": 12 * len(heads),
+    return {"method": method, "ratio": ratio, "options": OPTIONS.get(method, {}), "heads_kept": heads, "heads_total": 12 * len(heads),
             "ffn_kept": ffn, "ffn_total": 1536 * len(ffn),
             "params_before": res.before["params"], "params_after": res.after["params"],
             "macs_before": res.before["macs"], "macs_after": res.after["macs"],
