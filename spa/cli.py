@@ -456,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default mean; none for obspa and lamp, whose scores compare across "
                         "groups; standardization for grasp, whose scores have both signs)")
     q.add_argument("--max-group-loss", type=float, default=0.9,
-                   help="with --target: largest fraction of one group's channels removed")
+                   help="with --target, or --ratio and --select global: largest fraction of "
+                        "one group's channels removed")
     q.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
                    help="with --target latency:F: execution provider the latency is measured "
                         "on (also runs --eval)")

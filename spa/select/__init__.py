@@ -12,5 +12,5 @@ from .knapsack import knapsack
 
 SELECTIONS = ("uniform", "global", "knapsack")
 
-__all__ = ["uniform", "global_ratio", "uniform_for_target", "global_rank", "knapsack", "parse_target",
-           "normalize", "Target", "NORMALIZERS", "SELECTIONS"]
+__all__ = ["uniform", "global_ratio", "uniform_for_target", "global_rank", "knapsack",
+           "parse_target", "normalize", "Target", "NORMALIZERS", "SELECTIONS"]

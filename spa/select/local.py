@@ -75,7 +75,7 @@ def global_ratio(analysis, scores: list[np.ndarray], ratio, *, normalize: str = 
     """Remove `ratio` of the channels of each group kind, ranked across groups: the
     scores (normalised per group by `normalize`, see spa.criteria.aggregate.normalize) of
     all groups of one kind go into one ascending order, and channels leave in that order
-    until that kind has lost round(ratio · its channels), so the criterion decides how much
+    until that kind has lost floor(ratio · its channels), so the criterion decides how much
     each group loses. `ratio` is a float (every kind) or a dict {kind: ratio} like
     `uniform`'s. A group loses at most floor(max_group_loss · size) channels, keeps at
     least one, and never empties a member tensor; with `round_to` > 1 the kept count of a
