@@ -360,7 +360,8 @@ def render(rows: list[dict]) -> dict[str, str]:
     t = [r for r in rows if r["section"] == "init-torch"]
     lines = ["| model | recipe: steps × batch, peak lr | pruned at init with "
              "| MACs / params of dense | top-1 after training, per seed | mean "
-             "| vs dense (same seeds) | train wall time |", "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| vs dense (same seeds) | train wall time |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     order = {"none": 0, "random": 1, "snip": 2, "grasp": 3, "crop": 4}
     for (name, recipe), runs in _by_setting(t).items():
         dense = {r["recipe"]["seed"]: r for r in runs if r["criterion"] == "none"}

@@ -154,7 +154,8 @@ def run_one(model, method: str, ratio: str, base_emb, feeds) -> dict:
     ffn = [kept[g.id] for g in groups if g.kind == "channels" and g.channels == 1536]
     emb = minilm.embed(res.proto, feeds)
     cos = minilm.cosine(base_emb, emb)
-    return {"method": method, "ratio": ratio, "options": OPTIONS.get(method, {}), "heads_kept": heads, "heads_total": 12 * len(heads),
+    return {"method": method, "ratio": ratio, "options": OPTIONS.get(method, {}),
+            "heads_kept": heads, "heads_total": 12 * len(heads),
             "ffn_kept": ffn, "ffn_total": 1536 * len(ffn),
             "params_before": res.before["params"], "params_after": res.after["params"],
             "macs_before": res.before["macs"], "macs_after": res.after["macs"],
