@@ -479,3 +479,22 @@ def test_damp_option(cnn_file):
     rc, _, err = spa_cli("prune", path, "-o", d / "bad.onnx", "--damp", "0.1")
     assert rc == 2 and "--damp applies to --criterion obspa only" in err
     assert not os.path.exists(d / "bad.onnx")
+
+
+def test_blas_threads_limited_while_obspa_computes(monkeypatch):
+    from threadpoolctl import threadpool_info
+    from spa.criteria.obspa import blas_threads
+    blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    if not blas:
+        pytest.skip("numpy has no BLAS library threadpoolctl can see")
+    monkeypatch.delenv("SPA_BLAS_THREADS", raising=False)
+    with blas_threads():
+        assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")
+    monkeypatch.setenv("SPA_BLAS_THREADS", "0")      # 0: the library's own setting
+    before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    with blas_threads():
+        assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] \
+            == before
+    monkeypatch.setenv("SPA_BLAS_THREADS", "many")
+    with pytest.raises(spa.UsageError, match="SPA_BLAS_THREADS='many'"):
+        blas_threads()

@@ -35,13 +35,15 @@ known (the criterion then reduces to weight magnitude and the update to plain sl
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import numpy as np
 from scipy.special import ndtr
 
 from ..activations import ROW_MASK, Calibration, stream
-from ..errors import SpaError
+from ..errors import SpaError, UsageError
 from ..ops.registry import Node
 from ..rewrite.reconstruct import DAMP, Consumer, Updates, damped, inv_psd, reconstruct
 
@@ -808,6 +810,31 @@ def sequential_updates(ob: "Obspa", plan, start: Updates | None = None, *,
 # ------------------------------------------------------------------------------------------
 # the criterion
 
+#: BLAS threads while obspa computes (environment SPA_BLAS_THREADS; 0: the library's own)
+BLAS_THREADS_ENV = "SPA_BLAS_THREADS"
+
+
+def blas_threads():
+    """A context limiting the BLAS library's threads (threadpoolctl, when installed) to
+    $SPA_BLAS_THREADS, default 1, while obspa accumulates Hessians, runs the greedy pass
+    and refits: its many small products gain nothing from BLAS threads, and on a machine
+    whose cores are busy the threads' waiting costs several times the work (ResNet-56 at
+    50 % FLOPs with one of two cores busy: 150.7 s with the default threads, 35.0 s with
+    one; idle: 33.5 s and 29.2 s; docs/obspa.md). 0 leaves the library's default."""
+    raw = os.environ.get(BLAS_THREADS_ENV, "1").strip()
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise UsageError(f"{BLAS_THREADS_ENV}={raw!r}: expected a number of threads >= 0 "
+                       "(0: the BLAS library's default)")
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if n == 0 else threadpool_limits(n, user_api="blas")
+
 
 class Obspa:
     """Hessians of a model's consumers on a calibration source; scores and reconstruction."""
@@ -824,12 +851,13 @@ class Obspa:
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
         self.consumers = find_consumers(analysis, max_full)
-        if calib.mode == "none":
-            self.hessians, self.info = surrogate_hessians(model, self.consumers)
-        else:
-            self.hessians, self.info = collect_hessians(
-                model, self.consumers, calib, seed=seed, batch_size=batch_size,
-                threads=threads, rows_per_feature=rows_per_feature)
+        with blas_threads():
+            if calib.mode == "none":
+                self.hessians, self.info = surrogate_hessians(model, self.consumers)
+            else:
+                self.hessians, self.info = collect_hessians(
+                    model, self.consumers, calib, seed=seed, batch_size=batch_size,
+                    threads=threads, rows_per_feature=rows_per_feature)
         self.timings["hessians_s"] = time.perf_counter() - t0
         self.orphans: list[int] = []
 
@@ -837,8 +865,9 @@ class Obspa:
         if getattr(self, "_scores", None) is not None:
             return self._scores
         t0 = time.perf_counter()
-        scores, self.orphans = greedy_scores(self.analysis, self.consumers, self.hessians,
-                                             damp=self.damp)
+        with blas_threads():
+            scores, self.orphans = greedy_scores(self.analysis, self.consumers,
+                                                 self.hessians, damp=self.damp)
         if self.orphans:  # no layer reads these groups: their share of the weight energy
             from .magnitude import score as magnitude
             l2 = magnitude(self.analysis, "l2")
@@ -853,12 +882,14 @@ class Obspa:
         """The weight update: with calibration data, sequential (each affected layer fitted
         on the pruned model's inputs); without, each layer on its own surrogate Hessian."""
         t0 = time.perf_counter()
-        upd = reconstruct(self.model, self.analysis, plan, self.consumers, self.hessians,
-                          damp=self.damp)
-        if self.sequential and self.calib.arrays is not None:
-            writer, fits = sequential_updates(self, plan, upd, samples=self.sequential_samples)
-            upd = writer.updates(upd.layers)
-            self.info["sequential_layers"] = len(fits)
+        with blas_threads():
+            upd = reconstruct(self.model, self.analysis, plan, self.consumers, self.hessians,
+                              damp=self.damp)
+            if self.sequential and self.calib.arrays is not None:
+                writer, fits = sequential_updates(self, plan, upd,
+                                                  samples=self.sequential_samples)
+                upd = writer.updates(upd.layers)
+                self.info["sequential_layers"] = len(fits)
         self.timings["reconstruct_s"] = time.perf_counter() - t0
         return upd
 
