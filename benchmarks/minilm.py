@@ -53,6 +53,7 @@ import numpy as np  # noqa: E402
 
 import spa  # noqa: E402
 from models import minilm  # noqa: E402
+from spa.docgen import write_between  # noqa: E402
 from spa.ir import load, write_text_atomic  # noqa: E402
 from spa.rewrite.apply import apply_plan  # noqa: E402
 
@@ -213,8 +214,7 @@ def write_doc(text: str) -> None:
         doc = f.read()
     if BEGIN not in doc or END not in doc:
         raise SystemExit(f"{DOC} has no {BEGIN} ... {END} block")
-    doc = doc[:doc.index(BEGIN)] + f"{BEGIN}\n{text}\n{END}" + doc[doc.index(END) + len(END):]
-    write_text_atomic(DOC, doc)
+    write_between(DOC, BEGIN, END, text)
 
 
 def main() -> int:

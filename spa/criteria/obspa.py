@@ -815,7 +815,7 @@ BLAS_THREADS_ENV = "SPA_BLAS_THREADS"
 
 
 def blas_threads():
-    """A context limiting the BLAS library's threads (threadpoolctl, when installed) to
+    """A context limiting the BLAS library's threads (threadpoolctl) to
     $SPA_BLAS_THREADS, default 1, while obspa accumulates Hessians, runs the greedy pass
     and refits: its many small products gain nothing from BLAS threads, and on a machine
     whose cores are busy the threads' waiting costs several times the work (ResNet-56 at
@@ -828,11 +828,8 @@ def blas_threads():
         n = -1
     if n < 0:
         raise UsageError(f"{BLAS_THREADS_ENV}={raw!r}: expected a number of threads >= 0 "
-                       "(0: the BLAS library's default)")
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
+                         "(0: the BLAS library's default)")
+    from threadpoolctl import threadpool_limits  # a dependency; imported only when used
     return contextlib.nullcontext() if n == 0 else threadpool_limits(n, user_api="blas")
 
 
