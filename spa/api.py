@@ -11,13 +11,17 @@ from .analysis import analyze, Analysis
 from .criteria import (AGGREGATIONS, DATA_CRITERIA, default_normalize, evaluate,
                        get as get_criterion)
 from .errors import SpaError, UsageError
-from .ir import load, save_atomic
+from .ir import input_shapes as input_shapes_, load, save_atomic
 from .ir.model import from_proto
 from .plan import Plan
 from .rewrite.apply import apply_plan, check
 from .select import (SELECTIONS, global_rank, global_ratio, knapsack, parse_target, uniform,
                      uniform_for_target)
-from .verify import verify as _verify, VerifyResult
+from .deviation import judge, measure as measure_deviation, Deviation
+from .evaluate import GateError
+from .rewrite.outputs import check_output_shapes
+from .verify import (VerificationError, VerifyResult, divergence_message, exact_part,
+                     locate_divergence, verify as _verify)
 
 #: calibration of criterion obspa when none is given (see docs/obspa.md)
 DEFAULT_CALIB = "synthetic"
@@ -30,13 +34,15 @@ class PruneResult:
     analysis: Analysis
     before: dict
     after: dict
-    verify: VerifyResult | None = None
+    verify: VerifyResult | None = None  # the oracle on the exact part of the plan
     obspa: dict | None = None          # criterion obspa: calibration, predicted/measured error
+    deviation: Deviation | None = None  # how far the outputs moved (spa.deviation)
 
     def report(self) -> dict:
         return {"plan": self.plan.to_json(), "before": self.before, "after": self.after,
                 **({"obspa": self.obspa} if self.obspa is not None else {}),
                 "verify": self.verify.to_json() if self.verify else None,
+                "deviation": self.deviation.to_json() if self.deviation else None,
                 "groups_pruned": len(self.plan.keep),
                 "groups_total": len(self.analysis.groups),
                 "select": self.plan.options.get("select"),
@@ -83,7 +89,10 @@ def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to:
         target = parse_target(target)
         if target.metric == "latency":
             from .latency import LatencySettings, attach
-            attach(model, analysis, latency or LatencySettings(align=round_to))
+            settings = latency or LatencySettings(align=round_to)
+            if not settings.shapes and getattr(model, "input_shapes", None):
+                settings.shapes = model.input_shapes
+            attach(model, analysis, settings)
     elif select == "knapsack":
         raise UsageError("--select knapsack needs a budget: give --target, e.g. flops:0.5 "
                          "(with --ratio, --select is uniform or global)")
@@ -115,23 +124,43 @@ def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to:
 
 
 def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1,
-          seed: int = 0, plan: Plan | None = None, do_verify: bool = False,
-          exact_only: bool = False, progress=None,
+          seed: int = 0, plan: Plan | None = None, verify: bool = True,
+          do_verify: bool | None = None, exact_only: bool = False, progress=None,
           input_shapes: dict | None = None, target=None, select: str | None = None,
           normalize: str | None = None, max_group_loss: float = 0.9,
           latency=None, calib=None, aggregate: str = "sum",
-          calib_samples: int | None = None, damp: float | None = None) -> PruneResult:
-    """Analyze, plan (or take the given plan), rewrite and optionally verify a model.
+          calib_samples: int | None = None, damp: float | None = None,
+          force: bool = False) -> PruneResult:
+    """Analyze, plan (or take the given plan), rewrite, verify and measure a model.
+    Trust by default (docs/reliability.md): the masked-equivalence oracle checks the exact
+    part of the structural plan (`verify=False` skips it; `do_verify` is its old name) and
+    raises spa.verify.VerificationError naming the first tensor where the pruned model
+    departs; one ONNX Runtime run checks that every graph output keeps its runtime shape
+    (SpaError); every prune measures how far the outputs moved (`result.deviation`), and
+    obspa, which promises a usable model without fine-tuning, raises
+    spa.evaluate.GateError when its result is worse than plain slicing or destroyed
+    (spa.deviation.judge) unless `force`. `input_shapes` ({input: shape}) fixes the shapes
+    the costs, the oracle and the checks use.
     A "latency:F" target measures: see spa.latency.prune_to_latency.
-    criterion "obspa": `calib` is an .npz path, "synthetic" or "none" (default
-    DEFAULT_CALIB); the kept weights are reconstructed (docs/obspa.md), and `do_verify`
-    checks the structural plan before reconstruction with the oracle.
+    criterion "obspa": `calib` is an .npz path or "synthetic" (default DEFAULT_CALIB); the
+    kept weights are reconstructed (docs/obspa.md).
     Gradient criteria (taylor, hessian, snip, grasp, crop; docs/criteria.md): `calib` is an
     .npz path (optional `labels`), "synthetic", or a spa.activations.Calibration;
     `calib_samples` uses only the first N samples. `damp` (obspa only): the Hessian
     damping, λ = damp · mean diagonal (default spa.rewrite.reconstruct.DAMP, 0.01)."""
+    if do_verify is not None:
+        verify = do_verify
+    if isinstance(calib, str) and calib == "none":
+        raise UsageError("--calib none was removed: it returned chance-level models (10.05 % "
+                         "top-1 on the trained ResNet-56 at flops:0.5). Without data, obspa "
+                         "synthesises its calibration from the model (--calib synthetic, "
+                         "the default); see docs/obspa.md")
     if isinstance(model, (str, os.PathLike)):
         model = load(model)
+    if input_shapes:
+        input_shapes_.apply(model, input_shapes)
+    if target is not None:
+        _refuse_guessed_costs(model, parse_target(target).metric, input_shapes)
     crit = None if criterion == "obspa" else get_criterion(criterion)
     needs_grads = crit is not None and crit.needs_data
     if calib is not None and criterion not in DATA_CRITERIA:
@@ -159,11 +188,13 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
     normalize = default_normalize(criterion) if normalize is None else normalize
     select = "uniform" if select is None else select
     analysis = analyze(model, progress=progress)
+    calib_used = None   # the samples the deviation is measured on (synthetic without any)
     if needs_grads and plan is None:
         from .activations import load_calibration
         from .criteria.gradient import compute_stats
         cal = _first_samples(load_calibration(calib, model, seed=seed), calib_samples)
         analysis.__dict__["_gradients"] = compute_stats(model, cal, crit)
+        calib_used = cal
     ob = None
     if criterion == "obspa":
         from .activations import load_calibration
@@ -183,6 +214,8 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
         if target is not None and parse_target(target).metric == "latency":
             from .latency import LatencySettings, prune_to_latency
             latency = latency or LatencySettings(align=round_to)
+            if input_shapes and not latency.shapes:
+                latency.shapes = input_shapes_.validate(model, input_shapes)
             plan, proto = prune_to_latency(model, analysis, parse_target(target), plan_for,
                                            latency)
         else:
@@ -190,6 +223,10 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
     if proto is None:
         proto = apply_plan(model, analysis, plan)
     structural = proto
+    verified = None
+    if verify:  # the oracle holds for the exact part of the structural plan
+        verified = _verify_exact(model, analysis, plan, structural, input_shapes)
+    updates = None
     if ob is not None:  # the weight update is part of applying the plan
         updates = ob.reconstruct(plan)
         plan.options.setdefault("calib", ob.calib.mode)
@@ -197,17 +234,62 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
         plan.options.setdefault("damp", ob.damp)
         proto = apply_plan(model, analysis, plan, updates)
     check(proto, model.proto, model.path)
+    check_output_shapes(model, proto, input_shapes=input_shapes)
     pruned = from_proto(proto, path=model.path, infer=True)
+    if input_shapes:
+        input_shapes_.apply(pruned, input_shapes)
     result = PruneResult(plan, proto, analysis, stats(model), stats(pruned))
-    if do_verify:  # the oracle holds for the structural plan (before any weight update)
-        result.verify = _verify(model, structural, analysis, plan, input_shapes=input_shapes)
+    result.verify = verified
+    if ob is not None:
+        calib_used = ob.calib
+    protos = {"pruned": proto, **({"sliced": structural} if ob is not None else {})}
+    result.deviation = measure_deviation(model, protos, calib_used, seed=seed)
     if ob is not None:
         from .criteria.obspa import report
         result.obspa = report(ob, plan, updates, {"reconstructed": proto,
                                                   "sliced": structural})
         result.obspa["verify_applies_to"] = "the structural plan before reconstruction " \
             "(the reconstruction changes weights; see measured)"
+        why = judge(result.deviation)
+        if why and not force:
+            raise GateError("obspa's result is not usable without fine-tuning: "
+                            + "; ".join(why) + ". --force writes it anyway (e.g. to "
+                            "fine-tune it); nothing written", file=model.path)
     return result
+
+
+def _refuse_guessed_costs(model, metric: str, input_shapes) -> None:
+    """A FLOPs / memory / latency budget on a model whose spatial or sequence axes are
+    dynamic would be spent at a guessed shape: refuse, showing the option to add."""
+    if metric == "params":
+        return
+    dyn = input_shapes_.dynamic_axes(model, input_shapes)
+    if dyn:
+        axes = ", ".join(f"{n}[{k}] ({sym})" for n, k, sym in dyn)
+        raise UsageError(f"a {metric} budget depends on the input size, and these input axes "
+                         f"are dynamic: {axes}. Give the shape you deploy at: "
+                         f"{input_shapes_.suggestion(model, input_shapes)} (with the real "
+                         "sizes; the batch axis may stay symbolic)", file=model.path)
+
+
+def _verify_exact(model, analysis, plan, structural, input_shapes) -> VerifyResult | None:
+    """The oracle on the structural plan: the whole plan when it is exact, else its exact
+    part (rewritten once more on its own); approximate groups are listed as unchecked.
+    A failure raises VerificationError naming the first tensor that departs."""
+    part = exact_part(plan, analysis)
+    approx = plan.touches_approximate(analysis)
+    if part is None:  # nothing exact: the deviation from the masked original, as a report
+        part = plan
+    proto = structural if part is plan else apply_plan(model, analysis, part)
+    res = _verify(model, proto, analysis, part, input_shapes=input_shapes)
+    res.unchecked_groups = approx
+    res.checked_groups = [g for g in sorted(part.keep) if g not in approx]
+    if res.passed is False:
+        where = locate_divergence(model, proto, analysis, part, input_shapes=input_shapes)
+        raise VerificationError(divergence_message(where, res), file=model.path,
+                                node=None if where is None else where["node"],
+                                op=None if where is None else where["op"])
+    return res
 
 
 def _first_samples(cal, n: int | None):

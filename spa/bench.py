@@ -162,7 +162,14 @@ def summarize(times: np.ndarray) -> list[dict]:
 
 
 def feeds_for(model, batch: int, shapes: dict | None = None) -> dict:
-    """The seeded inputs every latency measurement of `model` uses at this batch size."""
+    """The seeded inputs every latency measurement of `model` uses at this batch size.
+    `shapes` (--input-shape) fixes the other axes; its first axis is replaced by `batch`
+    where the graph input's batch axis is dynamic."""
+    if shapes:
+        dyn0 = {v.name for v in model.graph.input if v.type.tensor_type.shape.dim and
+                not v.type.tensor_type.shape.dim[0].dim_value}
+        shapes = {k: ((batch,) + tuple(v[1:]) if k in dyn0 and v else tuple(v))
+                  for k, v in shapes.items()}
     return dummy_inputs(model, batch=batch, sym_value=batch, shapes=shapes)
 
 

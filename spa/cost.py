@@ -30,6 +30,12 @@ METRIC_ALIASES = {"flops": "macs", "macs": "macs", "params": "params", "memory":
                   "latency": "latency"}
 
 
+def shapes_of(model) -> dict:
+    """The shapes a model is costed at: those of --input-shape (spa.ir.input_shapes) when
+    given, else its own (symbolic dims count as 1)."""
+    return model.cost_shapes if getattr(model, "cost_shapes", None) else model.shapes
+
+
 def _size(shape) -> int:
     out = 1
     for d in shape:
@@ -63,14 +69,14 @@ def macs(model) -> int:
     for node in model.nodes:
         r = registry.get(node)
         if r is not None and r.macs is not None:
-            total += int(r.macs(Node(node, model), model.shapes))
+            total += int(r.macs(Node(node, model), shapes_of(model)))
     return total
 
 
 def memory(model) -> int:
     """Elements of all activations (graph inputs and node outputs), per sample."""
-    return sum(_size(model.shapes[t]) for t in _activation_names(model)
-               if model.shapes.get(t) is not None)
+    shapes = shapes_of(model)
+    return sum(_size(shapes[t]) for t in _activation_names(model) if shapes.get(t) is not None)
 
 
 def stats(model) -> dict:
@@ -161,7 +167,7 @@ class CostModel:
             rows: dict[int, tuple[list, list]] = {}   # number of var dims -> (factors, idx)
             fixed = 0
             for t in names:
-                shape = model.shapes.get(t)
+                shape = shapes_of(model).get(t)
                 if shape is None:
                     continue
                 vs = self.tensor_vars.get(t)
@@ -187,7 +193,7 @@ class CostModel:
             tensors = [t for t in dict.fromkeys(list(proto.input) + list(proto.output))
                        if t and t in self.tensor_vars]
             if not tensors:
-                fixed += int(r.macs(node, model.shapes))
+                fixed += int(r.macs(node, shapes_of(model)))
                 continue
             tv = [(t, self.tensor_vars[t]) for t in tensors]
             vids = sorted({v for _, vs in tv for _, v in vs})
@@ -216,7 +222,7 @@ class CostModel:
         return self.length - np.rint(cnt).astype(np.int64)
 
     def _shapes(self, tv, lens) -> dict:
-        shapes = self.model.shapes
+        shapes = shapes_of(self.model)
         new = {}
         for t, vs in tv:
             s = list(shapes[t])
@@ -233,7 +239,7 @@ class CostModel:
 
     def _macs(self, lens: np.ndarray) -> int:
         total = self.base["macs"]
-        shapes = self.model.shapes
+        shapes = shapes_of(self.model)
         for fn, node, tv, _ in self._mac_nodes:
             total += int(fn(node, _Overlay(self._shapes(tv, lens), shapes)))
         return total
@@ -257,7 +263,7 @@ class CostModel:
         lens = self.new_lengths(removed)
         grad = np.zeros(self.n_var, np.float64)
         if metric == "macs":
-            shapes = self.model.shapes
+            shapes = shapes_of(self.model)
             total = self.base["macs"]
             for fn, node, tv, vids in self._mac_nodes:
                 here = int(fn(node, _Overlay(self._shapes(tv, lens), shapes)))

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, TensorProto
 
+from .activations import with_outputs
+from .errors import SpaError
 from .ir.external import materialize, np_dtype
 from .runtime import dummy_inputs, session_for
 
@@ -35,6 +37,10 @@ class VerifyResult:
     tolerance: float = TOLERANCE
     approximate_groups: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # how the models were run, when not plainly
+    #: spa.prune checks the exact part of a plan: the groups it checked, and the pruned
+    #: approximate groups the oracle cannot check (None: the whole plan was given)
+    checked_groups: list | None = None
+    unchecked_groups: list | None = None
 
     @property
     def passed(self) -> bool | None:
@@ -47,6 +53,9 @@ class VerifyResult:
         return {"exact": self.exact, "passed": self.passed, "tolerance": self.tolerance,
                 "max_rel_error": self.max_rel_error, "max_rel_change": self.max_rel_change,
                 "approximate_groups": self.approximate_groups, "outputs": self.outputs,
+                **({"checked_groups": self.checked_groups,
+                    "unchecked_groups": self.unchecked_groups}
+                   if self.checked_groups is not None else {}),
                 **({"notes": self.notes} if self.notes else {})}
 
 
@@ -203,3 +212,85 @@ def verify(model, pruned: onnx.ModelProto, analysis, plan, *, seed: int = 0,
             worst, change = max(worst, e), max(change, ch)
     return VerifyResult(exact=not approx, max_rel_error=worst, max_rel_change=change,
                         outputs=per, approximate_groups=approx, notes=notes)
+
+
+class VerificationError(SpaError):
+    """The pruned model departs from the masked original (a wrong rewrite). CLI exit 1."""
+
+    exit_code = 1
+
+
+def exact_part(plan, analysis):
+    """The plan restricted to its exact groups: what the oracle can prove. None when no
+    exact group loses a channel."""
+    from .plan import Plan
+    keep = {g: k for g, k in plan.keep.items()
+            if analysis.groups[g].exact and len(k) < analysis.groups[g].channels}
+    if not keep:
+        return None
+    if len(keep) == len(plan.keep):
+        return plan
+    return Plan(keep, {g: plan.sizes[g] for g in keep}, plan.criterion, dict(plan.options),
+                plan.model_sha256)
+
+
+def locate_divergence(model, pruned: onnx.ModelProto, analysis, plan, *, seed: int = 0,
+                      input_shapes: dict | None = None, tolerance: float = TOLERANCE):
+    """The first tensor, in graph order, where the pruned model departs from the masked
+    original: compares every node output the two models share (the rewrite keeps tensor
+    names), the masked original's value restricted to the kept elements. Returns {"tensor",
+    "node", "op", "rel_error" | "shape"} or None when every shared tensor agrees. Run only
+    after a failed oracle: it makes every intermediate tensor an output."""
+    kept = plan.kept_indices(analysis)
+    twin = _uses_bfloat16(model.proto)
+    prep = float32_twin if twin else (lambda p: p)
+    optimize = not any(n.op_type in _QDQ for g in _graphs(model.graph) for n in g.node)
+    pruned_names = {o for n in pruned.graph.node for o in n.output if o}
+    order, producer = [], {}
+    for node in model.nodes:
+        for o in node.output:
+            if o and o in pruned_names and o not in model.consts and \
+                    model.dtypes.get(o, TensorProto.FLOAT) in _MASKABLE:
+                order.append(o)
+                producer[o] = node
+    if not order:
+        return None
+    s_mask = session_for(with_outputs(prep(masked_model(model, kept)), order),
+                         optimize=optimize)
+    s_pruned = session_for(with_outputs(prep(pruned), order), optimize=optimize)
+    feeds = dummy_inputs(model, seed=seed, sym_value=2, shapes=input_shapes)
+    if twin:
+        feeds = {k: v.astype(np.float32) if v.dtype == _BF16 else v for k, v in feeds.items()}
+    m_vals = dict(zip(order, s_mask.run(order, feeds)))
+    p_vals = dict(zip(order, s_pruned.run(order, feeds)))
+    for t in order:
+        m = np.asarray(m_vals[t])
+        for (name, ax), idx in kept.items():
+            if name == t and ax < m.ndim:
+                m = np.take(m, idx, axis=ax)
+        p = np.asarray(p_vals[t])
+        node = producer[t]
+        where = {"tensor": t, "node": model.node_name(node), "op": node.op_type}
+        if p.shape != m.shape:
+            return {**where, "shape": f"{tuple(p.shape)} instead of {tuple(m.shape)}"}
+        e = _rel(p, m)
+        if e > tolerance:
+            return {**where, "rel_error": e}
+    return None
+
+
+def divergence_message(where: dict | None, result: VerifyResult) -> str:
+    """What a user reads when the oracle fails (and can paste into a bug report)."""
+    head = (f"the pruned model does not match the masked original (max relative error "
+            f"{result.max_rel_error:.3g}, tolerance {result.tolerance:g})")
+    if where is None:
+        at = "; every intermediate tensor agrees, only the graph outputs differ"
+    elif "shape" in where:
+        at = (f"; it departs first at tensor {where['tensor']!r}, output of node "
+              f"{where['node']!r} ({where['op']}): shape {where['shape']}")
+    else:
+        at = (f"; it departs first at tensor {where['tensor']!r}, output of node "
+              f"{where['node']!r} ({where['op']}): relative error {where['rel_error']:.3g}")
+    return (head + at + ". This is a bug in SPA (the rule of that op, most likely): please "
+            "report it with the model and the plan; --no-verify writes the model anyway. "
+            "Nothing written")
