@@ -1,8 +1,10 @@
 """`python -m models list | export` — the model registry from the command line.
 
 `list` prints one JSON object per line (name, framework, family, input_shape, trained,
-accuracy, path) and imports no deep-learning framework. `export` builds the torch zoo's
-ONNX cache (default <repo>/.cache/zoo, or $SPA_ZOO_CACHE) that `list` points at.
+accuracy, path) and imports no deep-learning framework. `path` names only a file that
+exists: a row whose file is not built yet has `"path": null` and `build`, the command
+that makes it (e.g. `python -m models export resnet20`). `export` builds the zoo's ONNX
+cache (default <repo>/.cache/zoo, or $SPA_ZOO_CACHE) that `list` points at.
 """
 
 from __future__ import annotations

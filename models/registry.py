@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -198,11 +199,14 @@ class RegistryEntry:
     input_shape: list[int]
     trained: bool = False
     accuracy: float | None = None
-    path: str | None = None
+    path: str | None = None     # where the ONNX file is, or will be once built
     extra: dict = field(default_factory=dict)
+    build: str | None = None    # the command that writes `path`
 
     def to_json(self) -> dict:
-        return {
+        """The `models list` row. `path` is given only when the file exists; otherwise it
+        is null and `build` is the command that makes it."""
+        row = {
             "name": self.name,
             "framework": self.framework,
             "family": self.family,
@@ -211,13 +215,51 @@ class RegistryEntry:
             "accuracy": self.accuracy,
             "path": self.path,
         }
+        if self.path is None or not Path(self.path).is_file():
+            row["path"] = None
+            row["build"] = self.build
+        return row
+
+
+def export_command(name: str, cache_dir: Path | None = None,
+                   exporter: str = DEFAULT_EXPORTER) -> str:
+    """The `python -m models export` command that writes a zoo entry's file (into
+    `cache_dir` when one is given; otherwise the default cache, $SPA_ZOO_CACHE included)."""
+    cmd = ["python", "-m", "models", "export"]
+    if exporter != DEFAULT_EXPORTER:
+        cmd += ["--exporter", exporter]
+    if cache_dir is not None:
+        cmd += ["--cache-dir", str(cache_dir)]
+    return shlex.join(cmd + [name])
+
+
+#: the training script of each framework's trained models (models/trained/*.json)
+TRAIN_MODULES = {"torch": "models.train", "jax": "models.train_jax",
+                 "keras": "models.train_keras"}
+
+
+def train_command(meta: dict) -> str | None:
+    """The training command a sidecar's recipe describes (its `build` key when it has one;
+    models.train takes the model's name, the jax and keras trainers train their one model)."""
+    if meta.get("build"):
+        return str(meta["build"])
+    module = TRAIN_MODULES.get(meta.get("framework"))
+    if module is None:
+        return None
+    cmd = ["python", "-m", module] + ([str(meta["name"])] if module == "models.train" else [])
+    recipe = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
+    for key in ("epochs", "seed", "threads"):
+        if recipe.get(key) is not None:
+            cmd += [f"--{key}", str(recipe[key])]
+    return shlex.join(cmd)
 
 
 def torch_zoo_entries(cache_dir: Path | None = None, exporter: str = DEFAULT_EXPORTER
                       ) -> Iterator[RegistryEntry]:
     for spec in TORCH_ZOO:
         yield RegistryEntry(spec.name, "torch", spec.family, list(spec.input_shape),
-                            path=str(spec.onnx_path(exporter, cache_dir)))
+                            path=str(spec.onnx_path(exporter, cache_dir)),
+                            build=export_command(spec.name, cache_dir, exporter))
 
 
 def framework_zoo_entries(cache_dir: Path | None = None) -> Iterator[RegistryEntry]:
@@ -225,7 +267,8 @@ def framework_zoo_entries(cache_dir: Path | None = None) -> Iterator[RegistryEnt
         if spec.requires and _package_dir(spec.requires) is None:
             continue
         yield RegistryEntry(spec.name, spec.framework, spec.family, list(spec.input_shape),
-                            trained=spec.trained, path=str(spec.onnx_path(cache_dir)))
+                            trained=spec.trained, path=str(spec.onnx_path(cache_dir)),
+                            build=export_command(spec.name, cache_dir))
 
 
 def trained_entries(trained_dir: Path = TRAINED_DIR) -> Iterator[RegistryEntry]:
@@ -246,6 +289,7 @@ def trained_entries(trained_dir: Path = TRAINED_DIR) -> Iterator[RegistryEntry]:
                 trained=True,
                 accuracy=None if meta.get("accuracy") is None else float(meta["accuracy"]),
                 path=path,
+                build=train_command(meta),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{sidecar}: not a valid trained-model sidecar ({exc}); expected "

@@ -17,6 +17,7 @@ from .plan import Plan
 from .rewrite.apply import apply_plan, check
 from .select import (SELECTIONS, global_rank, global_ratio, knapsack, parse_target, uniform,
                      uniform_for_target)
+from .select.align import group_alignment, parse_round_to, resolve as resolve_round_to
 from .deviation import judge, measure as measure_deviation, Deviation
 from .evaluate import GateError
 from .rewrite.outputs import check_output_shapes
@@ -55,7 +56,7 @@ def stats(model) -> dict:
     return {"params": cost.params(model), "macs": cost.macs(model)}
 
 
-def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to: int = 1,
+def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to="auto",
               seed: int = 0, exact_only: bool = False, target=None, select: str = "uniform",
               normalize: str | None = None, max_group_loss: float = 0.9, latency=None,
               aggregate: str = "sum", stats=None) -> Plan:
@@ -66,7 +67,10 @@ def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to:
     "latency:F" predicts latency from tables measured as `latency` (a
     spa.latency.LatencySettings: provider, batch, threads) says. `aggregate` combines the
     member slice scores of a channel, `normalize` (default: the criterion's own, see
-    docs/criteria.md) makes groups comparable for the global selections. Gradient
+    docs/criteria.md) makes groups comparable for the global selections. `round_to`:
+    "auto" (widths of the groups whose channels feed a convolution are multiples of the
+    channel block of `latency.provider`, default cpu; spa.select.align) or N (every group
+    of at least N channels, a multiple of N; 1: exact counts). Gradient
     criteria need `stats` (spa.criteria.gradient.compute_stats; spa.prune computes them
     from `calib` and attaches them to the analysis)."""
     if isinstance(ratio, dict):
@@ -81,15 +85,14 @@ def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to:
             raise UsageError("a ratio per group kind is a uniform plan: give no target")
     elif not 0.0 <= ratio < 1.0:
         raise UsageError(f"--ratio must be in [0, 1), got {ratio}")
-    if round_to < 1:
-        raise UsageError(f"--round-to must be >= 1, got {round_to}")
+    block, scope = resolve_round_to(round_to, getattr(latency, "provider", "cpu"))
     if select not in SELECTIONS:
         raise UsageError(f"unknown selection {select!r} (use one of {', '.join(SELECTIONS)})")
     if target is not None:
         target = parse_target(target)
         if target.metric == "latency":
             from .latency import LatencySettings, attach
-            settings = latency or LatencySettings(align=round_to)
+            settings = latency or LatencySettings(align=block)
             if not settings.shapes and getattr(model, "input_shapes", None):
                 settings.shapes = model.input_shapes
             attach(model, analysis, settings)
@@ -98,7 +101,8 @@ def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to:
                          "(with --ratio, --select is uniform or global)")
     normalize = default_normalize(criterion) if normalize is None else normalize
     scores, notes = evaluate(analysis, criterion, seed=seed, aggregate=aggregate, stats=stats)
-    options = {"seed": seed}
+    options = {"seed": seed, "round_to": block, **({"round_to_scope": scope} if scope else {})}
+    round_to = group_alignment(analysis, block, scope)
     if criterion != "obspa":
         options["aggregate"] = aggregate
     grads = analysis.__dict__.get("_gradients") if stats is None else stats
@@ -123,7 +127,7 @@ def make_plan(model, analysis, *, ratio: float, criterion: str = "l2", round_to:
     return fn(analysis, scores, target, normalize=normalize, **kw)
 
 
-def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1,
+def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to="auto",
           seed: int = 0, plan: Plan | None = None, verify: bool = True,
           do_verify: bool | None = None, exact_only: bool = False, progress=None,
           input_shapes: dict | None = None, target=None, select: str | None = None,
@@ -140,7 +144,7 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
     obspa, which promises a usable model without fine-tuning, raises
     spa.evaluate.GateError when its result is worse than plain slicing or destroyed
     (spa.deviation.judge) unless `force`. `input_shapes` ({input: shape}) fixes the shapes
-    the costs, the oracle and the checks use.
+    the costs, the oracle and the checks use. `round_to` (default "auto"): see make_plan.
     A "latency:F" target measures: see spa.latency.prune_to_latency.
     criterion "obspa": `calib` is an .npz path or "synthetic" (default DEFAULT_CALIB); the
     kept weights are reconstructed (docs/obspa.md).
@@ -150,6 +154,7 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
     damping, λ = damp · mean diagonal (default spa.rewrite.reconstruct.DAMP, 0.01)."""
     if do_verify is not None:
         verify = do_verify
+    round_to = parse_round_to(round_to)   # "auto" or N >= 1, checked before loading
     if isinstance(calib, str) and calib == "none":
         raise UsageError("--calib none was removed: it returned chance-level models (10.05 % "
                          "top-1 on the trained ResNet-56 at flops:0.5). Without data, obspa "
@@ -213,7 +218,7 @@ def prune(model, *, ratio: float = 0.5, criterion: str = "l2", round_to: int = 1
                              aggregate=aggregate)
         if target is not None and parse_target(target).metric == "latency":
             from .latency import LatencySettings, prune_to_latency
-            latency = latency or LatencySettings(align=round_to)
+            latency = latency or LatencySettings(align=resolve_round_to(round_to)[0])
             if input_shapes and not latency.shapes:
                 latency.shapes = input_shapes_.validate(model, input_shapes)
             plan, proto = prune_to_latency(model, analysis, parse_target(target), plan_for,

@@ -122,15 +122,23 @@ def _budget_args(args):
     return parse_target(args.target)
 
 
+def _round_to(value: str):
+    """--round-to auto|N (argparse type: a bad value exits 2 before anything is loaded)."""
+    from .select.align import parse_round_to
+    try:
+        return parse_round_to(value)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--round-to ", ""))
+
+
 def _latency_args(args, target):
     """--provider/--batch/--threads for a latency target (checked before loading)."""
-    from .latency import LatencySettings, default_log, default_round_to
+    from .latency import LatencySettings, default_log
+    from .select.align import resolve
     is_latency = target is not None and target.metric == "latency"
-    if args.round_to is None:
-        args.round_to = default_round_to(args.provider) if is_latency else 1
     settings = LatencySettings(provider=args.provider, batch=args.batch, threads=args.threads,
                                rounds=args.latency_rounds, refresh=args.latency_refresh,
-                               align=args.round_to,
+                               align=resolve(args.round_to, args.provider)[0],
                                log=default_log if sys.stderr.isatty() else None)
     if is_latency:
         settings.check()
@@ -488,9 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="obspa: Hessian damping, F times the mean diagonal (default 0.01; "
                         "larger regularises the reconstruction towards plain slicing, for "
                         "few calibration samples or calibration text unlike the use)")
-    q.add_argument("--round-to", type=int, default=None,
-                   help="keep group sizes multiples of N (default 1; with --target latency:F "
-                        "the provider's channel block: 16 on AVX-512 CPUs, else 8)")
+    q.add_argument("--round-to", type=_round_to, default="auto", metavar="auto|N",
+                   help="widths that run fast: 'auto' (default) keeps the channel counts of "
+                        "convolutions at multiples of the --provider's channel block (16 "
+                        "on AVX-512 CPUs, 8 on AVX2 and CUDA), other groups exact; N keeps "
+                        "every group of at least N channels at a multiple of N; 1: exact "
+                        "counts (docs/speed.md)")
     q.add_argument("--exact-only", action="store_true",
                    help="do not prune approximate groups (channels under a normalisation)")
     q.add_argument("--plan", help="apply this plan (JSON) instead of selecting")
@@ -526,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "one group's channels removed")
     q.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
                    help="with --target latency:F: execution provider the latency is measured "
-                        "on (also runs --eval)")
+                        "on (also runs --eval, and sets the channel block of --round-to "
+                        "auto)")
     q.add_argument("--batch", type=int, default=1, help="with --target latency:F: batch size")
     q.add_argument("--threads", type=int, default=0,
                    help="with --target latency:F: intra-op threads (0: ONNX Runtime default)")

@@ -73,7 +73,8 @@ def samples_for(model, calib=None, *, n: int = SAMPLES, seed: int = 0):
     from .activations import synthesize
     if calib is not None and getattr(calib, "arrays", None):
         return calib, f"{calib.mode} calibration samples"
-    return synthesize(model, n=n, seed=seed + 7), "synthetic samples (no calibration data)"
+    return (synthesize(model, n=n, seed=seed + 7, batch_stats=False),
+            "synthetic samples (no calibration data)")
 
 
 def measure(model, protos: dict, calib=None, *, n: int = SAMPLES, seed: int = 0) -> Deviation:

@@ -468,7 +468,8 @@ def test_damp_option(cnn_file):
     path, d = cnn_file
     out, rep = d / "damped.onnx", d / "damped.json"
     rc, _, err = spa_cli("prune", path, "-o", out, "--criterion", "obspa", "--calib",
-                         "synthetic", "--ratio", "0.5", "--damp", "0.5", "--report", rep)
+                         "synthetic", "--ratio", "0.5", "--damp", "0.5", "--report", rep,
+                         "--round-to", "1")
     assert rc == 0, err
     r = json.load(open(rep))
     assert r["plan"]["options"]["damp"] == 0.5 and r["obspa"]["damp"] == 0.5

@@ -115,12 +115,39 @@ def test_models_list_imports_no_framework():
     assert out[0] == "[]", f"`python -m models list` imported {out[0]}"
     rows = [json.loads(line) for line in out[1:]]
     keys = {"name", "framework", "family", "input_shape", "trained", "accuracy", "path"}
-    assert all(set(r) == keys for r in rows)
+    assert all(set(r) == (keys if r["path"] else keys | {"build"}) for r in rows)
     torch_rows = [r for r in rows if r["framework"] == "torch" and not r["trained"]]
     assert [r["name"] for r in torch_rows] == [s.name for s in TORCH_ZOO]
     for r in rows:
         if r["framework"] == "paddle":
             assert Path(r["path"]).is_file()
+
+
+def test_models_list_names_only_existing_paths(tmp_path, monkeypatch):
+    """Issue 12 item 6: with an empty cache, every printed path exists; every other row
+    says how to build it."""
+    monkeypatch.setenv("SPA_ZOO_CACHE", str(tmp_path / "env-cache"))
+    (tmp_path / "zoo").mkdir()
+    (tmp_path / "zoo" / "resnet20.dynamo.onnx").write_bytes(b"")  # one cached file
+    for argv, cache in ((["list", "--cache-dir", str(tmp_path / "zoo")], tmp_path / "zoo"),
+                        (["list"], None)):
+        out = subprocess.run([sys.executable, "-m", "models", *argv], cwd=REPO, check=True,
+                             capture_output=True, text=True).stdout.splitlines()
+        rows = [json.loads(line) for line in out]
+        assert rows
+        for r in rows:
+            if r["path"] is not None:
+                assert Path(r["path"]).is_file(), r
+                assert "build" not in r
+            else:
+                assert r["build"].startswith("python -m models") and r["name"] in \
+                    r["build"].split(), r
+                if r["framework"] != "paddle" and not r["trained"]:
+                    assert r["build"] == ("python -m models export "
+                                          + (f"--cache-dir {cache} " if cache else "")
+                                          + r["name"])
+        listed = {r["name"]: r for r in rows if not r["trained"]}
+        assert (listed["resnet20"]["path"] is not None) == (cache is not None)
 
 
 def test_trained_sidecars_are_listed(tmp_path):
@@ -132,7 +159,8 @@ def test_trained_sidecars_are_listed(tmp_path):
     (entry,) = trained_entries(tmp_path)
     row = entry.to_json()
     assert row["trained"] is True and row["accuracy"] == 0.91
-    assert row["path"] == str(REPO_ROOT / "models/trained/m.onnx")
+    assert entry.path == str(REPO_ROOT / "models/trained/m.onnx")
+    assert row["path"] is None and row["build"] == "python -m models.train m"  # (no file)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bad.json"):
         list(trained_entries(tmp_path))

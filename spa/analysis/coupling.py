@@ -36,7 +36,7 @@ class Product:
 class Group:
     id: int
     channels: int
-    members: list[dict]          # {"tensor", "axis", "length", "role", "const"}
+    members: list[dict]          # {"tensor", "axis", "length", "role", "const"[, "tags"]}
     exact: bool
     approx_reasons: list[str] = field(default_factory=list)
     unit: int = 1                # elements one channel spans in its widest parameter member
@@ -66,6 +66,7 @@ class Coupler:
         self.frozen: dict[int, list[str]] = {}
         self.approx: dict[int, list[str]] = {}
         self.roles: dict[DimKey, str] = {}
+        self.tags: dict[DimKey, set[str]] = {}
         self.touched: set[DimKey] = set()
         self.structural: set[int] = set()
         self.hidden: dict[DimKey, list] = {}
@@ -218,6 +219,12 @@ class Coupler:
         """Tag a parameter dim for criteria: out (producer rows), in (consumer slices), …"""
         self.roles.setdefault(key, role)
 
+    def tag(self, key: DimKey, tag: str) -> None:
+        """Mark a dim with a hint for the selections (several per dim). The one in use:
+        "channel_block" -- the op's fast kernels want this dim's length to be a multiple of
+        the provider's channel block (spa.select.align, `--round-to auto`)."""
+        self.tags.setdefault(key, set()).add(tag)
+
     def literal(self, const_name: str, index: int, key: DimKey) -> None:
         """A shape literal inside a shared constant must equal the length of `key`."""
         self.literal_uses.setdefault((const_name, index), []).append(key)
@@ -315,9 +322,11 @@ def analyze(model, progress=None) -> Analysis:
     opaque: list[dict] = []
     # graph interface: inputs and outputs never change shape
     for name in model.input_names + model.output_names:
-        s = model.shapes.get(name) or ()
-        for ax in range(len(s)):
-            c.node = None
+        s = model.shapes.get(name)
+        c.node = None
+        if s is None and name in model.producer:
+            _freeze_unknown_output(model, c, name)
+        for ax in range(len(s or ())):
             c.freeze((name, ax), f"graph {'input' if name in model.input_names else 'output'}"
                      f" {name!r} keeps its shape")
     for k, proto in enumerate(model.nodes):
@@ -359,6 +368,29 @@ def analyze(model, progress=None) -> Analysis:
         for a, b in zip(uses, uses[1:]):
             c.couple(a, b)
     return _resolve(model, c, opaque)
+
+
+def _freeze_unknown_output(model, c: Coupler, name: str) -> None:
+    """A graph output whose rank nothing could compute (shape inference, ONNX Runtime):
+    which of its axes are channels is unknown, so every axis of the tensors it is computed
+    from is frozen, back through producers of unknown shape up to tensors of known shape."""
+    why = (f"graph output {name!r} keeps its shape, which neither shape inference nor ONNX "
+           "Runtime could compute: the tensors it is computed from are not pruned")
+    frontier, seen = [name], set()
+    while frontier:
+        t = frontier.pop()
+        if t in seen or not t:
+            continue
+        seen.add(t)
+        s = model.shapes.get(t)
+        if s is not None:
+            for ax in range(len(s)):
+                c.freeze((t, ax), why)
+            continue
+        node = model.producer.get(t)
+        if node is not None:
+            frontier.extend(node.input)
+            frontier.extend(sorted(model.outer_refs.get(id(node), ())))
 
 
 def _unify_products(c: Coupler, label: np.ndarray) -> list:
@@ -594,6 +626,8 @@ def _resolve(model, c: Coupler, opaque: list[dict]) -> Analysis:
             entry = {"tensor": key[0], "axis": key[1], "length": c.length[d],
                      "role": c.roles.get(key, "param" if is_const else "activation"),
                      "const": bool(is_const)}
+            if key in c.tags:
+                entry["tags"] = sorted(c.tags[key])
             if key[0] == "~virtual":
                 continue
             members[g].append(entry)

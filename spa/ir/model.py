@@ -94,6 +94,13 @@ class Model:
     dtypes: dict[str, int] = field(default_factory=dict)
     nodes: list[onnx.NodeProto] = field(default_factory=list)  # topological order
     outer_refs: dict = field(default_factory=dict)  # id(node) -> names its subgraphs read
+    #: where a graph output's declared shape contradicts what the graph computes (the
+    #: computed shape is used; see infer_shapes), one sentence each, for the CLI to print
+    shape_notes: list = field(default_factory=list)
+    #: --input-shape: the graph input shapes the costs are taken at, and every tensor's
+    #: shape then (spa.ir.input_shapes.apply); None: the symbolic shapes, dynamic dims as 1
+    input_shapes: dict | None = None
+    cost_shapes: dict | None = None
 
     # -- queries -----------------------------------------------------------------------
     @property
@@ -208,7 +215,8 @@ class Model:
     def infer_shapes(self) -> None:
         for k, v in _infer_dtypes(self).items():
             self.dtypes.setdefault(k, v)
-        self.shapes = infer_shapes(self)
+        self.shape_notes = []
+        self.shapes = infer_shapes(self, notes=self.shape_notes)
 
 
 def _outer_refs(node: onnx.NodeProto) -> set[str]:
@@ -475,12 +483,14 @@ def _big_constant(node: onnx.NodeProto, outputs: set) -> bool:
             and not _small(node.attribute[0].t))
 
 
-def _skeleton(model: Model) -> onnx.ModelProto:
+def _skeleton(model: Model, declared_outputs: bool = True) -> onnx.ModelProto:
     """The model without its big weights: big initializers and Constant nodes that hold
     weights become typed graph inputs, so that the checker and shape inference do not
     serialise hundreds of MB (several copies each) while small integer constants (shape
     operands) stay visible to data propagation. (Constant-node values were decoded, and so
-    checked, when the model was indexed.)"""
+    checked, when the model was indexed.) `declared_outputs=False` leaves the graph
+    outputs' declared shapes out (their element types stay), so that inference says what
+    the graph computes rather than merging it with (or failing on) what it claims."""
     g = model.graph
     sk = onnx.ModelProto()
     sk.ir_version = model.proto.ir_version
@@ -507,15 +517,24 @@ def _skeleton(model: Model) -> onnx.ModelProto:
         else:
             sg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     sg.output.extend(g.output)
+    if not declared_outputs:
+        for v in sg.output:
+            if v.type.HasField("tensor_type"):
+                v.type.tensor_type.ClearField("shape")
     return sk
 
 
-def infer_shapes(model: Model) -> dict[str, tuple]:
+def infer_shapes(model: Model, notes: list | None = None) -> dict[str, tuple]:
+    """Every tensor's shape. Graph inputs keep their declared shapes (they are the
+    interface); a graph output's declared shape is only a claim: what inference (or, where
+    it cannot tell, ONNX Runtime) computes wins, and each contradiction is appended to
+    `notes`. A declared output shape only fills axes the computation leaves symbolic, when
+    the ranks agree and no static length conflicts."""
     shapes: dict[str, tuple] = {}
     for name in model.consts:
         shapes[name] = model.consts.shape(name) if isinstance(model.consts, Consts) else \
             tuple(int(d) for d in model.consts[name].shape)
-    skeleton = _skeleton(model)
+    skeleton = _skeleton(model, declared_outputs=False)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as exc:
@@ -531,9 +550,9 @@ def infer_shapes(model: Model) -> dict[str, tuple]:
             list(inferred.graph.output)
     except Exception:
         vis = list(model.graph.input) + list(model.graph.output)
-    # graph inputs/outputs keep their declared shapes (they define the interface)
-    declared = {v.name: _dims_of(v.type) for v in list(model.graph.input) +
-                list(model.graph.output)}
+    # graph inputs keep their declared shapes (they define the interface); declared output
+    # shapes are checked against the computed ones below
+    declared = {v.name: _dims_of(v.type) for v in model.graph.input}
     for v in vis:
         d = _dims_of(v.type)
         if d is not None and v.name not in model.consts:
@@ -554,9 +573,46 @@ def infer_shapes(model: Model) -> dict[str, tuple]:
                (shapes.get(o) is None or any(
                    x is None or (k > 0 and isinstance(x, str) and x.startswith("unk__"))
                    for k, x in enumerate(shapes[o])))]
-    if unknown:
-        shapes.update(_runtime_shapes(model, unknown, shapes))
+    measured = _runtime_shapes(model, unknown, shapes) if unknown else {}
+    shapes.update(measured)
+    for v in model.graph.output:
+        if v.name not in model.consts and v.name not in declared:
+            _reconcile_output(v.name, _dims_of(v.type), shapes, v.name in measured, notes)
     return shapes
+
+
+def _made_up(d) -> bool:
+    """An unknown length, or a symbol inference or the runtime fallback invented."""
+    return d is None or isinstance(d, str) and d.startswith(("unk__", "spa_dyn_"))
+
+
+def _fmt_dims(dims) -> str:
+    return "[" + ", ".join("?" if _made_up(d) else repr(d) for d in dims) + "]"
+
+
+def _reconcile_output(name: str, claimed: tuple | None, shapes: dict, measured: bool,
+                      notes: list | None) -> None:
+    """A graph output's declared shape against the computed one (`measured`: by ONNX
+    Runtime, whose symbolic axes are proven dynamic): the computed shape wins."""
+    if claimed is None:
+        return
+    computed = shapes.get(name)
+    if computed is None:
+        why = (f"graph output {name!r} is declared {_fmt_dims(claimed)} but neither shape "
+               "inference nor ONNX Runtime can compute its shape; the declared shape is not "
+               "used and the nodes computing it are not pruned")
+    elif len(computed) != len(claimed) or any(
+            isinstance(a, int) and (isinstance(b, int) and a != b or
+                                    measured and not isinstance(b, int))
+            for a, b in zip(claimed, computed)):
+        why = (f"graph output {name!r} is declared {_fmt_dims(claimed)} but computes "
+               f"{_fmt_dims(computed)}; the computed shape is used")
+    else:  # agree: the declared one may fix (or name) an axis the computation left symbolic
+        shapes[name] = tuple(a if isinstance(a, int) or isinstance(a, str) and _made_up(b)
+                             else b for a, b in zip(claimed, computed))
+        return
+    if notes is not None and why not in notes:
+        notes.append(why)
 
 
 _INCONSISTENT = re.compile(r"\(op_type:(\w+), node name: ([^)]*)\): \[ShapeInferenceError\] "

@@ -51,6 +51,10 @@ def conv(n, c):
     c.couple((w, 0), (y, 1))
     c.role((w, 0), "out")
     c.role((w, 1), "in")
+    # ONNX Runtime's CPU convolutions take the blocked NCHWc layout only when the channel
+    # counts are multiples of the vector width (docs/speed.md, "Default widths")
+    c.tag((w, 0), "channel_block")
+    c.tag((w, 1), "channel_block")
     if b:
         c.couple((b, 0), (y, 1))
         c.role((b, 0), "bias")

@@ -24,6 +24,7 @@ from ..cost import METRIC_ALIASES, cost_model
 from ..criteria.aggregate import NORMALIZERS, normalize  # the per-group step, shared
 from ..errors import UsageError
 from ..plan import Plan, model_sha256
+from .align import option as _round_option, units as _units
 from .local import _member_counts
 
 #: the result lands in [fraction - TOLERANCE, fraction] of the original cost
@@ -75,14 +76,14 @@ class Constraints:
     1 - max_group_loss of them) stays, group sizes stay multiples of round_to, and no
     member dim loses all its elements. Removals come in *steps* (one channel, or a chunk
     that moves a group from one multiple of round_to to the next), so that every prefix of
-    a step sequence is a valid plan."""
+    a step sequence is a valid plan. `round_to` is an integer (every group of at least that
+    many channels) or one multiple per group (spa.select.align.group_alignment)."""
 
-    def __init__(self, analysis, *, max_group_loss: float = 0.9, round_to: int = 1,
+    def __init__(self, analysis, *, max_group_loss: float = 0.9, round_to=1,
                  exact_only: bool = False):
         if not 0.0 <= max_group_loss < 1.0:
             raise UsageError(f"max_group_loss must be in [0, 1), got {max_group_loss}")
-        if round_to < 1:
-            raise UsageError(f"round_to must be >= 1, got {round_to}")
+        align = _units(analysis, round_to)
         self.analysis = analysis
         n_groups = len(analysis.groups)
         self.size = np.array([g.channels for g in analysis.groups], np.int64)
@@ -94,7 +95,7 @@ class Constraints:
             size = grp.channels
             if size < 2 or (exact_only and not grp.exact):
                 continue
-            u = round_to if round_to > 1 and size >= round_to else 1
+            u = align[g] if size >= align[g] else 1
             keep = max(1, size - int(math.floor(max_group_loss * size + 1e-9)))
             keep = min(size, int(math.ceil(keep / u)) * u)
             if keep >= size:
@@ -106,8 +107,8 @@ class Constraints:
                  if cnt.sum() >= total and (cnt == 0).any()]
             if d:
                 self.danger[g] = d
-        self.options = {"max_group_loss": max_group_loss, "round_to": round_to,
-                        "exact_only": exact_only}
+        self.options = {"max_group_loss": max_group_loss,
+                        "round_to": _round_option(round_to), "exact_only": exact_only}
 
     def channels(self) -> np.ndarray:
         """Global ids of the channels a selection may remove."""
@@ -289,7 +290,7 @@ def refine(cm, metric: str, cons: Constraints, removed: np.ndarray, over: np.nda
 
 
 def global_rank(analysis, scores: list[np.ndarray], target, *, normalize: str = "mean",
-                max_group_loss: float = 0.9, round_to: int = 1, exact_only: bool = False,
+                max_group_loss: float = 0.9, round_to=1, exact_only: bool = False,
                 tolerance: float = TOLERANCE, criterion: str = "l2",
                 options: dict | None = None) -> Plan:
     """Remove the globally least important channels until the plan's cost is at most the
@@ -324,7 +325,7 @@ def global_rank(analysis, scores: list[np.ndarray], target, *, normalize: str = 
 
 
 def uniform_for_target(analysis, scores: list[np.ndarray], target, *,
-                       max_group_loss: float = 0.9, round_to: int = 1,
+                       max_group_loss: float = 0.9, round_to=1,
                        exact_only: bool = False, criterion: str = "l2",
                        options: dict | None = None) -> Plan:
     """Local selection under a budget: the smallest ratio (the same for every group, at

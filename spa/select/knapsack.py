@@ -7,8 +7,9 @@ A 0/1 mixed-integer program over channels, solved with HiGHS (scipy.optimize.mil
                 sum_{c in g} x_c >= keep_g              every group keeps >= 1 channel and
                                                         >= (1 - max_group_loss) of them
                 sum_{c in g} n_mc x_c >= N_m - L_m + 1  no member dim m emptied
-                sum_{c in g} x_c = u k_g (+ r_g f_g)    group sizes multiples of round_to
-                                                        (or the whole group), k_g integer
+                sum_{c in g} x_c = u k_g (+ r_g f_g)    group sizes multiples of u_g, the
+                                                        group's round_to (spa.select.align),
+                                                        or the whole group; k_g integer
 
 The cost is not linear in the channels (a conv costs in x out), so it is linearised at a
 plan x0 (nothing removed) -- a_c is the first-order drop of the true cost when channel c
@@ -144,7 +145,7 @@ class _Program:
 
 
 def knapsack(analysis, scores: list[np.ndarray], target, *, normalize: str = "mean",
-             max_group_loss: float = 0.9, round_to: int = 1, exact_only: bool = False,
+             max_group_loss: float = 0.9, round_to=1, exact_only: bool = False,
              tolerance: float = TOLERANCE, max_iter: int = 6, relinearize: int = 1,
              time_limit: float = 10.0, criterion: str = "l2", options: dict | None = None):
     """Maximise kept normalised importance subject to cost <= fraction x original (and,

@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from ..plan import Plan, model_sha256
+from .align import option as _round_option, units as _units
 
 
 def _member_counts(analysis, g: int) -> list[np.ndarray]:
@@ -31,13 +32,16 @@ def _count_members(analysis, g: int) -> list[np.ndarray]:
     return out
 
 
-def uniform(analysis, scores: list[np.ndarray], ratio, *, round_to: int = 1,
+def uniform(analysis, scores: list[np.ndarray], ratio, *, round_to=1,
             exact_only: bool = False, criterion: str = "l2", options: dict | None = None) -> Plan:
     """Keep the highest-scored (1 - ratio) of every group, never emptying a tensor.
     `ratio` may be a dict {group kind: ratio} ("channels", "heads", "groups"; kinds it
     does not name lose nothing), e.g. a third of the attention heads and half of the FFN
-    channels of a transformer: {"heads": 1/3, "channels": 0.5}."""
+    channels of a transformer: {"heads": 1/3, "channels": 0.5}. `round_to`: an integer
+    (kept counts of groups of at least that many channels are rounded up to a multiple of
+    it) or one multiple per group (spa.select.align.group_alignment)."""
     keep, sizes = {}, {}
+    unit = _units(analysis, round_to)
     for g, grp in enumerate(analysis.groups):
         size = grp.channels
         sizes[g] = size
@@ -45,8 +49,9 @@ def uniform(analysis, scores: list[np.ndarray], ratio, *, round_to: int = 1,
             continue
         r = ratio.get(grp.kind, 0.0) if isinstance(ratio, dict) else ratio
         n_keep = size - int(math.floor(r * size + 1e-9))
-        if round_to > 1 and size >= round_to:
-            n_keep = min(size, max(round_to, int(math.ceil(n_keep / round_to)) * round_to))
+        u = unit[g]
+        if u > 1 and size >= u:
+            n_keep = min(size, max(u, int(math.ceil(n_keep / u)) * u))
         n_keep = max(1, n_keep)
         if n_keep >= size:
             continue
@@ -63,14 +68,14 @@ def uniform(analysis, scores: list[np.ndarray], ratio, *, round_to: int = 1,
                 removed.append(int(ch))
         if removed:
             keep[g] = sorted(set(range(size)) - set(removed))
-    opts = {"ratio": dict(ratio) if isinstance(ratio, dict) else ratio, "round_to": round_to,
-            "exact_only": exact_only, **(options or {})}
+    opts = {"ratio": dict(ratio) if isinstance(ratio, dict) else ratio,
+            "round_to": _round_option(round_to), "exact_only": exact_only, **(options or {})}
     return Plan(keep, {g: sizes[g] for g in keep}, criterion, opts,
                 model_sha256(analysis.model))
 
 
 def global_ratio(analysis, scores: list[np.ndarray], ratio, *, normalize: str = "mean",
-                 max_group_loss: float = 0.9, round_to: int = 1, exact_only: bool = False,
+                 max_group_loss: float = 0.9, round_to=1, exact_only: bool = False,
                  criterion: str = "l2", options: dict | None = None) -> Plan:
     """Remove `ratio` of the channels of each group kind, ranked across groups: the
     scores (normalised per group by `normalize`, see spa.criteria.aggregate.normalize) of
@@ -80,7 +85,8 @@ def global_ratio(analysis, scores: list[np.ndarray], ratio, *, normalize: str = 
     `uniform`'s. A group loses at most floor(max_group_loss · size) channels, keeps at
     least one, and never empties a member tensor; with `round_to` > 1 the kept count of a
     group is rounded up to a multiple of round_to (groups of at least round_to channels),
-    so a kind can lose a little less than asked. What each kind lost is recorded in the
+    so a kind can lose a little less than asked (round_to may also be one multiple per
+    group, spa.select.align.group_alignment). What each kind lost is recorded in the
     plan's options (`achieved`)."""
     from ..criteria.aggregate import normalize as norm
     if not 0.0 <= max_group_loss <= 1.0:
@@ -88,6 +94,7 @@ def global_ratio(analysis, scores: list[np.ndarray], ratio, *, normalize: str = 
         raise UsageError(f"--max-group-loss must be in [0, 1], got {max_group_loss}")
     removed: dict[int, list[int]] = {}
     achieved = {}
+    unit = _units(analysis, round_to)
     for kind in sorted({g.kind for g in analysis.groups}):
         r = ratio.get(kind, 0.0) if isinstance(ratio, dict) else ratio
         gs = [g for g, grp in enumerate(analysis.groups) if grp.kind == kind and
@@ -122,8 +129,9 @@ def global_ratio(analysis, scores: list[np.ndarray], ratio, *, normalize: str = 
         for g in gs:
             size = analysis.groups[g].channels
             rm = removed.get(g, [])
-            if round_to > 1 and size >= round_to and rm:
-                n_keep = int(math.ceil((size - len(rm)) / round_to)) * round_to
+            u = unit[g]
+            if u > 1 and size >= u and rm:
+                n_keep = int(math.ceil((size - len(rm)) / u)) * u
                 del rm[max(0, size - n_keep):]    # the last removed are the most important
             if not rm:
                 removed.pop(g, None)
@@ -131,7 +139,8 @@ def global_ratio(analysis, scores: list[np.ndarray], ratio, *, normalize: str = 
     keep = {g: sorted(set(range(analysis.groups[g].channels)) - set(rm))
             for g, rm in removed.items()}
     opts = {"ratio": dict(ratio) if isinstance(ratio, dict) else ratio, "select": "global",
-            "normalize": normalize, "max_group_loss": max_group_loss, "round_to": round_to,
-            "exact_only": exact_only, "achieved": achieved, **(options or {})}
+            "normalize": normalize, "max_group_loss": max_group_loss,
+            "round_to": _round_option(round_to), "exact_only": exact_only,
+            "achieved": achieved, **(options or {})}
     return Plan(keep, {g: analysis.groups[g].channels for g in keep}, criterion, opts,
                 model_sha256(analysis.model))
