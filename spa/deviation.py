@@ -53,13 +53,21 @@ class Deviation:
     #: {"rel_error": {output: e}, "overall": e, "top1_agreement": a or None}
     models: dict = field(default_factory=dict)
     refused: list = field(default_factory=list)   # why `judge` refuses the pruned model
+    #: why nothing could be measured (ONNX Runtime cannot run the original, e.g. a custom
+    #: op); None when measured
+    skipped: str | None = None
+    notes: list = field(default_factory=list)     # how the models were run, when not plainly
 
     def to_json(self) -> dict:
         return {"on": self.on, "samples": self.samples, "models": self.models,
                 "agreement_bound": AGREEMENT_BOUND, "error_bound": ERROR_BOUND,
-                **({"refused": self.refused} if self.refused else {})}
+                **({"refused": self.refused} if self.refused else {}),
+                **({"skipped": self.skipped} if self.skipped else {}),
+                **({"notes": self.notes} if self.notes else {})}
 
     def summary(self, name: str = "pruned") -> str:
+        if self.skipped:
+            return f"not measured: {self.skipped}"
         m = self.models[name]
         s = f"output error {m['overall']:.4g} (relative, {self.samples} {self.on})"
         if m["top1_agreement"] is not None:
@@ -78,15 +86,29 @@ def samples_for(model, calib=None, *, n: int = SAMPLES, seed: int = 0):
 
 
 def measure(model, protos: dict, calib=None, *, n: int = SAMPLES, seed: int = 0) -> Deviation:
-    """Run the original and each of `protos` ({name: ModelProto}) on the same samples."""
+    """Run the original and each of `protos` ({name: ModelProto}) on the same samples.
+    bfloat16 models run as float32 twins (exact; ONNX Runtime has few bfloat16 CPU kernels).
+    When ONNX Runtime cannot run the original (a custom op, an input it cannot feed) the
+    result says so in `skipped` instead of failing the prune: the oracle and the output-shape
+    check have already passed or said why they could not run."""
     from .activations import run_outputs
-    cal, on = samples_for(model, calib, n=n, seed=seed)
+    from .verify import _uses_bfloat16, float32_twin
     names = list(model.output_names)
-    ref = run_outputs(model.proto, names, cal, limit=n)
+    twin = _uses_bfloat16(model.proto)
+    prep = float32_twin if twin else (lambda p: p)
+    try:
+        cal, on = samples_for(model, calib, n=n, seed=seed)
+        ref = run_outputs(prep(model.proto), names, cal, limit=n)
+    except Exception as e:   # noqa: BLE001 -- onnxruntime raises its own untyped errors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return Deviation("nothing", 0, names,
+                         skipped=f"ONNX Runtime could not run the original ({reason[:300]})")
     count = int(next(iter(ref.values())).shape[0]) if ref else 0
     dev = Deviation(on, min(n, count), names)
+    if twin:
+        dev.notes.append("bfloat16 model: run as float32 twins (bfloat16 -> float32 is exact)")
     for key, proto in protos.items():
-        out = run_outputs(proto, names, cal, limit=n)
+        out = run_outputs(prep(proto), names, cal, limit=n)
         per = {o: _rel(out[o], ref[o]) for o in names}
         num = sum(_rel(out[o], ref[o]) ** 2 * float(np.sum(np.asarray(ref[o], np.float64) ** 2))
                   for o in names if np.isfinite(per[o]))
@@ -104,7 +126,9 @@ def measure(model, protos: dict, calib=None, *, n: int = SAMPLES, seed: int = 0)
 
 def judge(dev: Deviation, *, compare: str | None = "sliced") -> list[str]:
     """Why the pruned model must not be written as a no-fine-tuning result (empty: fine).
-    Sets and returns dev.refused."""
+    Sets and returns dev.refused. Nothing measured (dev.skipped): nothing to refuse on."""
+    if dev.skipped:
+        return []
     m = dev.models["pruned"]
     why = []
     if compare in dev.models and m["overall"] > dev.models[compare]["overall"]:

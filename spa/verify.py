@@ -192,7 +192,15 @@ def verify(model, pruned: onnx.ModelProto, analysis, plan, *, seed: int = 0,
         notes.append("quantize/dequantize nodes: run without ONNX Runtime graph optimisations "
                      "(its QDQ fusions are not bit-exact, and the masks would block them in "
                      "one model only)")
-    s_orig = session_for(prep(model.proto), optimize=optimize)
+    try:
+        s_orig = session_for(prep(model.proto), optimize=optimize)
+    except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own untyped errors
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpaError(f"ONNX Runtime cannot run the original model ({msg[:400]}), so the "
+                       "rewrite cannot be checked against the masked original. Register "
+                       "the op's library with ONNX Runtime, or pass --no-verify "
+                       "(verify=False) to write the pruned model unchecked; nothing written",
+                       file=getattr(model, "path", None)) from None
     s_mask = session_for(prep(masked_model(model, kept)), optimize=optimize)
     s_pruned = session_for(prep(pruned), optimize=optimize)
     names = [o.name for o in s_orig.get_outputs()]

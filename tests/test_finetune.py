@@ -124,7 +124,7 @@ def test_same_graph_only_values_change(work):
 def test_prune_then_finetune_with_distillation(work, tmp_path):
     """Prune the trained model to half its channels, then recover with labels + KD."""
     model = load(str(work / "trained.onnx"))
-    res = spa.prune(model, ratio=0.75)
+    res = spa.prune(model, ratio=0.75, round_to=1)
     spa.save(res.proto, str(tmp_path / "pruned.onnx"))
     acc_trained = accuracy(work / "trained.onnx", work / "test.npz")
     acc_pruned = accuracy(tmp_path / "pruned.onnx", work / "test.npz")
@@ -149,7 +149,7 @@ def test_distillation_without_labels(work, tmp_path):
     """Unlabelled data: the student learns the teacher's outputs; its agreement with the
     teacher (and so its accuracy) goes up."""
     model = load(str(work / "trained.onnx"))
-    spa.save(spa.prune(model, ratio=0.75).proto, str(tmp_path / "pruned.onnx"))
+    spa.save(spa.prune(model, ratio=0.75, round_to=1).proto, str(tmp_path / "pruned.onnx"))
     rc = cli("finetune", tmp_path / "pruned.onnx", "--data", work / "train_unlabelled.npz",
              "--epochs", 2, "--lr", 0.05, "--batch", 64, "--teacher", work / "trained.onnx",
              "-o", tmp_path / "kd.onnx")

@@ -183,7 +183,7 @@ def _check_pruned(model, res, ratio, feeds):
 @pytest.mark.parametrize("name", NAMES)
 def test_zoo_oracle(zoo, name, ratio):
     model = load(str(zoo(name)[1]))
-    res = spa.prune(model, ratio=ratio, do_verify=True, seed=1)
+    res = spa.prune(model, ratio=ratio, do_verify=True, seed=1, round_to=1)
     x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
     _check_pruned(model, res, ratio, {"input": x})
     kept = res.after["params"] / res.before["params"]
@@ -196,7 +196,7 @@ def test_trained_oracle(ratio):
     from models.fmnist import available, load_fmnist
 
     model = load(str(TRAINED_ONNX))
-    res = spa.prune(model, ratio=ratio, do_verify=True, seed=1)
+    res = spa.prune(model, ratio=ratio, do_verify=True, seed=1, round_to=1)
     if available():
         x, labels = load_fmnist("test")
         x, labels = np.ascontiguousarray(x[:500]), labels[:500]

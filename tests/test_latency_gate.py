@@ -80,7 +80,7 @@ def data(cls_model, tmp_path_factory):
 
 def test_gate_passes_writes_report(cls_model, data, tmp_path):
     out, rep, plan = tmp_path / "p.onnx", tmp_path / "r.json", tmp_path / "plan.json"
-    rc, o, e = spa_cli("prune", cls_model, "-o", out, "--ratio", "0.75", "--verify",
+    rc, o, e = spa_cli("prune", cls_model, "-o", out, "--ratio", "0.75", "--round-to", "1", "--verify",
                        "--eval", data[0], "--max-drop", "100", "--report", rep,
                        "--plan-out", plan)
     assert rc == 0, e
@@ -92,7 +92,7 @@ def test_gate_passes_writes_report(cls_model, data, tmp_path):
 
 def test_gate_fails_exit_4_writes_nothing(cls_model, data, tmp_path):
     out, rep, plan = tmp_path / "p.onnx", tmp_path / "r.json", tmp_path / "plan.json"
-    rc, o, e = spa_cli("prune", cls_model, "-o", out, "--ratio", "0.75", "--verify",
+    rc, o, e = spa_cli("prune", cls_model, "-o", out, "--ratio", "0.75", "--round-to", "1", "--verify",
                        "--eval", data[0], "--max-drop", "0.5", "--report", rep,
                        "--plan-out", plan)
     assert rc == 4, (o, e)
@@ -133,7 +133,7 @@ def test_spa_eval(cls_model, data, tmp_path):
     rc, o, _ = spa_cli("eval", cls_model, "--dataset", data[0], "--json")
     assert json.loads(o)["accuracy"] == 1.0
     pruned = tmp_path / "p.onnx"
-    assert spa_cli("prune", cls_model, "-o", pruned, "--ratio", "0.75")[0] == 0
+    assert spa_cli("prune", cls_model, "-o", pruned, "--ratio", "0.75", "--round-to", "1")[0] == 0
     rc, o, e = spa_cli("eval", pruned, "--dataset", data[0], "--baseline", cls_model,
                        "--max-drop", "0.5")
     assert rc == 4 and "accuracy dropped" in e
@@ -144,7 +144,7 @@ def test_spa_eval(cls_model, data, tmp_path):
 
 def test_gate_api(cls_model, data):
     m = load(str(cls_model))
-    res = spa.prune(m, ratio=0.75)
+    res = spa.prune(m, ratio=0.75, round_to=1)
     g = gate(m.proto, res.proto, load_dataset(str(data[0])), max_drop=0.5)
     assert not g.passed and g.drop > 0.5 and g.to_json()["failures"]
     assert isinstance(GateError("x"), spa.SpaError) and GateError.exit_code == 4

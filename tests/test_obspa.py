@@ -281,11 +281,15 @@ def test_calibration_file_unreadable_and_usage(cnn_file):
     rc, _, err = spa_cli("prune", path, "-o", d / "o.onnx", "--criterion", "obspa",
                          "--calib", d / "missing.npz")
     assert rc == 3 and "not found" in err
-    rc, _, err = spa_cli("prune", path, "-o", d / "o.onnx", "--calib", "none")
+    rc, _, err = spa_cli("prune", path, "-o", d / "o.onnx", "--calib", "synthetic")
     assert rc == 2 and "--criterion obspa" in err
+    for crit in ([], ["--criterion", "obspa"]):     # removed: it returned chance
+        rc, _, err = spa_cli("prune", path, "-o", d / "o.onnx", *crit, "--calib", "none")
+        assert rc == 2 and "--calib none was removed" in err and "synthetic" in err
+    assert not (d / "o.onnx").exists()
 
 
-@pytest.mark.parametrize("calib", ["synthetic", "none", "file"])
+@pytest.mark.parametrize("calib", ["synthetic", "file"])
 def test_cli_calibration_modes(cnn_file, calib):
     path, d = cnn_file
     if calib == "file":
@@ -305,8 +309,6 @@ def test_cli_calibration_modes(cnn_file, calib):
     assert ob["groups"] and r["plan"]["options"]["reconstruct"] is True
     assert r["select"] == "knapsack" and r["achieved"] <= 0.6
     assert np.isfinite(list(ob["measured"]["output_rel_error"].values())).all()
-    if calib == "none":  # moments from the BatchNorms: every layer has a surrogate
-        assert ob["hessians"]["identity"] == 0
     pruned = onnx.load(str(out))
     onnx.checker.check_model(pruned, full_check=True)
 

@@ -24,10 +24,10 @@ def cnn(spatial=("H", "W"), classes: int = 10, seed: int = 0):
     """conv-bn-relu x2, global pooling, a classifier: spatial dims symbolic or static."""
     g = G(seed=seed)
     x = g.input(["N", 3, *spatial], name="images")
-    h = g.op("Relu", [g.bn(g.conv(x, 3, 16), 16)])
-    h = g.op("Relu", [g.bn(g.conv(h, 16, 16), 16)])
+    h = g.op("Relu", [g.bn(g.conv(x, 3, 32), 32)])     # 32: prunable under --round-to auto
+    h = g.op("Relu", [g.bn(g.conv(h, 32, 32), 32)])    # (a multiple of both blocks, 8 and 16)
     h = g.op("Flatten", [g.op("GlobalAveragePool", [h])])
-    g.output(g.op("Gemm", [h, g.w(classes, 16), g.w(classes)], transB=1))
+    g.output(g.op("Gemm", [h, g.w(classes, 32), g.w(classes)], transB=1))
     return g.model()
 
 
@@ -190,3 +190,22 @@ def test_input_shape_costs_and_errors():
     dims = res.proto.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param for d in dims[2:]] == ["H", "W"]
     assert res.after["macs"] <= 0.5 * res.before["macs"] * 1.05
+
+
+def test_a_model_onnxruntime_cannot_run_is_refused_unless_no_verify(tmp_path, capsys):
+    """A custom-domain op ONNX Runtime does not know: the oracle cannot run, so the default
+    refuses (exit 3, the reason and --no-verify named, nothing written); with --no-verify
+    the model is pruned and the deviation says it was not measured."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "corpus"))
+    from make_corpus import cases
+    path = dict((n, p) for n, p, _ in cases(str(tmp_path / "corpus")))["custom_domain.onnx"]
+    out = tmp_path / "o.onnx"
+    assert main(["prune", path, "-o", str(out), "--round-to", "1"]) == 3
+    err = capsys.readouterr().err
+    assert "cannot run the original" in err and "--no-verify" in err and "Mystery" in err
+    assert not out.exists()
+    assert main(["prune", path, "-o", str(out), "--round-to", "1", "--no-verify"]) == 0
+    o = capsys.readouterr().out
+    assert "verify: skipped" in o and "deviation from the original: not measured" in o
+    assert out.exists()

@@ -262,8 +262,10 @@ class Stepper:
 def unreachable(target: Target, best: float) -> UsageError:
     return UsageError(f"target {target.name}:{target.fraction:g} cannot be met: with the "
                       f"group constraints at most {1 - best:.1%} of the {target.name} can go "
-                      f"(reachable: {best:.3f}); raise the target, max_group_loss or "
-                      "prune approximate groups too")
+                      f"(reachable: {best:.3f}); raise the target, max_group_loss, "
+                      "prune approximate groups too, or lower --round-to (the default "
+                      "'auto' keeps convolution widths at multiples of the channel block; "
+                      "--round-to 1 gives exact counts, which run slower)")
 
 
 def refine(cm, metric: str, cons: Constraints, removed: np.ndarray, over: np.ndarray,
