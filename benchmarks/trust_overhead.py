@@ -60,6 +60,8 @@ def run(name: str, rounds: int, ratio: float) -> dict:
     spent = timed_deviation()
     times = {True: [], False: []}
     dev = []
+    spa.prune(from_proto(proto, path=f"{name}.onnx"), ratio=ratio)   # warm-up, not timed
+    spent.clear()
     for _ in range(rounds):
         for verify in (False, True):           # interleaved
             model = from_proto(proto, path=f"{name}.onnx")

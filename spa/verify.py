@@ -3,8 +3,8 @@
 A pruned model P must equal the original O in which the removed channels are silenced.
 We build that masked O generically: after every node, each output tensor is multiplied by
 a 0/1 mask over its pruned axes. For exact groups P's outputs must then match the masked
-O's to 1e-5 (relative); for approximate groups (the channels pass a normalisation over the
-channel axis) the deviation is reported instead.
+O's to TOLERANCE (1e-4, relative); for approximate groups (the channels pass a
+normalisation over the channel axis) the deviation is reported instead.
 """
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ _BF16 = np_dtype(TensorProto.BFLOAT16)
 _MASKABLE = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
              TensorProto.FLOAT16: np.float16, TensorProto.INT64: np.int64,
              TensorProto.INT32: np.int32, TensorProto.BFLOAT16: _BF16}
-TOLERANCE = 1e-5
+#: float32 noise of a correct rewrite reached 1.8e-5 on PP-OCRv6 rec small at the default
+#: widths (blocked and unblocked conv kernels sum in different orders); wrong rewrites move
+#: outputs by 1e-2 and more
+TOLERANCE = 1e-4
 #: ops after which ONNX Runtime's fusions change the arithmetic (QDQ -> QLinear kernels)
 _QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 
