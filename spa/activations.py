@@ -594,7 +594,7 @@ def synthesize(model, *, n: int = 256, seed: int = 0, batch_stats: bool = True) 
     rm = model.consts[bn.input[3]].astype(np.float64)
     rv = np.maximum(model.consts[bn.input[4]].astype(np.float64), 1e-8)
     probe_n = min(n, 32)
-    sess = session_for(with_outputs(model.proto, [target]))
+    sess = session_for(with_outputs(model.proto, [target], only=True))   # the prefix only
 
     def bn_input(feeds):
         y = sess.run([target], feeds)[0].astype(np.float64)
