@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)
 import spa  # noqa: E402
 import spa.api  # noqa: E402
 from spa.docgen import write_between  # noqa: E402
+from spa.ir import write_text_atomic  # noqa: E402
 
 TRAINED = ("resnet20", "resnet56", "mobilenetv2", "vgg", "densenet", "vit", "flax_cnn",
            "keras_cnn")
@@ -114,8 +115,7 @@ def main(argv=None) -> int:
         r = run(name, args.rounds, args.ratio)
         print(json.dumps(r), flush=True)
         old[name] = r
-        with open(RESULTS, "w") as f:
-            json.dump(list(old.values()), f, indent=1)
+        write_text_atomic(RESULTS, json.dumps(list(old.values()), indent=1) + "\n")
     if args.doc:
         write_between(DOC, "<!-- trust-overhead:begin -->", "<!-- trust-overhead:end -->",
                       table(list(old.values())))

@@ -92,6 +92,7 @@ def measure(model, protos: dict, calib=None, *, n: int = SAMPLES, seed: int = 0)
     result says so in `skipped` instead of failing the prune: the oracle and the output-shape
     check have already passed or said why they could not run."""
     from .activations import run_outputs
+    from .runtime import first_line
     from .verify import _uses_bfloat16, float32_twin
     names = list(model.output_names)
     twin = _uses_bfloat16(model.proto)
@@ -100,9 +101,8 @@ def measure(model, protos: dict, calib=None, *, n: int = SAMPLES, seed: int = 0)
         cal, on = samples_for(model, calib, n=n, seed=seed)
         ref = run_outputs(prep(model.proto), names, cal, limit=n)
     except Exception as e:   # noqa: BLE001 -- onnxruntime raises its own untyped errors
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return Deviation("nothing", 0, names,
-                         skipped=f"ONNX Runtime could not run the original ({reason[:300]})")
+        return Deviation("nothing", 0, names, skipped="ONNX Runtime could not run the "
+                         f"original ({first_line(e, 300)})")
     count = int(next(iter(ref.values())).shape[0]) if ref else 0
     dev = Deviation(on, min(n, count), names)
     if twin:
@@ -110,7 +110,7 @@ def measure(model, protos: dict, calib=None, *, n: int = SAMPLES, seed: int = 0)
     for key, proto in protos.items():
         out = run_outputs(prep(proto), names, cal, limit=n)
         per = {o: _rel(out[o], ref[o]) for o in names}
-        num = sum(_rel(out[o], ref[o]) ** 2 * float(np.sum(np.asarray(ref[o], np.float64) ** 2))
+        num = sum(per[o] ** 2 * float(np.sum(np.asarray(ref[o], np.float64) ** 2))
                   for o in names if np.isfinite(per[o]))
         den = sum(float(np.sum(np.asarray(ref[o], np.float64) ** 2)) for o in names)
         overall = float("inf") if any(not np.isfinite(e) for e in per.values()) else \

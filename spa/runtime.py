@@ -12,6 +12,13 @@ _NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
        TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.BOOL: np.bool_}
 
 
+def first_line(exc: BaseException, limit: int = 400) -> str:
+    """The first line of an (ONNX Runtime) error message, for a SpaError; the type's name
+    when it says nothing."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 def session_for(proto: onnx.ModelProto, providers: list[str] | None = None, threads: int = 0,
                 optimize: bool = True):
     """An InferenceSession on an in-memory model. Weights SPA holds in external data files

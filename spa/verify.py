@@ -17,7 +17,7 @@ from onnx import numpy_helper, TensorProto
 from .activations import with_outputs
 from .errors import SpaError
 from .ir.external import materialize, np_dtype
-from .runtime import dummy_inputs, session_for
+from .runtime import dummy_inputs, first_line, session_for
 
 _BF16 = np_dtype(TensorProto.BFLOAT16)
 _MASKABLE = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
@@ -198,8 +198,7 @@ def verify(model, pruned: onnx.ModelProto, analysis, plan, *, seed: int = 0,
     try:
         s_orig = session_for(prep(model.proto), optimize=optimize)
     except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own untyped errors
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SpaError(f"ONNX Runtime cannot run the original model ({msg[:400]}), so the "
+        raise SpaError(f"ONNX Runtime cannot run the original model ({first_line(exc)}), so the "
                        "rewrite cannot be checked against the masked original. Register "
                        "the op's library with ONNX Runtime, or pass --no-verify "
                        "(verify=False) to write the pruned model unchecked; nothing written",
