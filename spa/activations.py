@@ -337,10 +337,11 @@ class Frontier:
     """Runs a graph piece by piece over a fixed sequence of batches, remembering the
     tensors that the nodes not run yet still read (the frontier), so that each piece
     starts where the last one stopped instead of at the graph inputs. The weights may
-    change between pieces (`compute` takes the current model each time): a piece always
-    runs with the weights it is given, and what it computed stays valid as long as later
-    changes only touch nodes that have not run yet (sequential reconstruction: a layer is
-    refitted before anything below it runs)."""
+    change between pieces (`compute` takes the current model each time, and `overrides`:
+    new values of some of its initializers): a piece always runs with the weights it is
+    given, and what it computed stays valid as long as later changes only touch nodes that
+    have not run yet (sequential reconstruction: a layer is refitted before anything below
+    it runs)."""
 
     def __init__(self, proto: onnx.ModelProto, batches: list[dict], *, threads: int = 0,
                  path=None):
@@ -348,49 +349,76 @@ class Frontier:
         self.n_nodes = len(g.node)
         self.done = np.zeros(self.n_nodes, bool)
         self.producer = {o: k for k, n in enumerate(g.node) for o in n.output if o}
+        self.node_inputs = [[i for i in n.input if i] for n in g.node]
+        self.node_outputs = [[o for o in n.output if o] for n in g.node]
         self.readers: dict[str, list[int]] = {}
-        for k, n in enumerate(g.node):
-            for i in n.input:
-                if i:
-                    self.readers.setdefault(i, []).append(k)
+        for k, ins in enumerate(self.node_inputs):
+            for i in ins:
+                self.readers.setdefault(i, []).append(k)
         self.cache = [dict(b) for b in batches]
         self.threads, self.path = threads, path
         self.ok = not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                           for n in g.node for a in n.attribute)
 
-    def compute(self, proto: onnx.ModelProto, targets: list[str]) -> list[dict]:
-        """Values of `targets` for every batch, computed with `proto` (same nodes, in the
-        same order, as the graph given at construction; weights may differ)."""
-        from onnx import helper
-        g = proto.graph
-        inits = {t.name for t in g.initializer}
-        have = set(self.cache[0]) if self.cache else set()
+    def _segment(self, targets, have: set, inits: set, done: np.ndarray):
+        """The nodes (in graph order) that compute `targets` from what is held, and the
+        tensors held afterwards that not-yet-run nodes still read."""
         seg, todo = set(), [t for t in targets if t not in have]
         while todo:
             t = todo.pop()
             k = self.producer.get(t)
-            if k is None or k in seg or t in have:
+            if k is None or k in seg or t in have or t in inits:
                 continue
-            if self.done[k]:
+            if done[k]:
                 raise SpaError(f"internal error: tensor {t!r} left the frontier",
                                file=self.path)
             seg.add(k)
-            todo.extend(i for i in g.node[k].input if i and i not in inits)
-        order = sorted(seg)
-        made = {o for k in order for o in g.node[k].output if o}
-        ins = sorted({i for k in order for i in g.node[k].input
-                      if i and i not in inits and i not in made})
+            todo.extend(i for i in self.node_inputs[k] if i not in inits)
+        return sorted(seg)
+
+    def peak_bytes(self, rounds: list[list[str]], inits: set, bytes_of) -> int:
+        """The most bytes per sample the frontier holds over a sequence of `compute`
+        calls (targets per call), from `bytes_of(tensor)`, without running anything."""
+        done = self.done.copy()
+        have = set(self.cache[0]) if self.cache else set()
+        peak = sum(bytes_of(t) for t in have)
+        for targets in rounds:
+            order = self._segment(targets, have, inits, done)
+            done[order] = True
+            have |= {o for k in order for o in self.node_outputs[k]}
+            have = {t for t in have if t in targets or
+                    any(not done[r] for r in self.readers.get(t, []))}
+            peak = max(peak, sum(bytes_of(t) for t in have))
+            have = {t for t in have if any(not done[r] for r in self.readers.get(t, []))}
+        return peak
+
+    def compute(self, proto: onnx.ModelProto, targets: list[str],
+                overrides: dict | None = None) -> list[dict]:
+        """Values of `targets` for every batch, computed with `proto` (same nodes, in the
+        same order, as the graph given at construction; weights may differ) and
+        `overrides` ({initializer name: value} replacing the proto's)."""
+        from onnx import helper, numpy_helper
+        g = proto.graph
+        overrides = overrides or {}
+        inits = {t.name for t in g.initializer} | set(overrides)
+        have = set(self.cache[0]) if self.cache else set()
+        order = self._segment(targets, have, inits, self.done)
+        made = {o for k in order for o in self.node_outputs[k]}
+        ins = sorted({i for k in order for i in self.node_inputs[k]
+                      if i not in inits and i not in made})
         self.done[order] = True
         keep = [t for t in made if any(not self.done[r] for r in self.readers.get(t, []))]
         outs = list(dict.fromkeys([t for t in targets if t in made] + keep))
         if order:
-            used = {i for k in order for i in g.node[k].input}
+            used = {i for k in order for i in self.node_inputs[k]}
+            weights = [numpy_helper.from_array(np.asarray(overrides[t]), t)
+                       for t in sorted(used & set(overrides))] + \
+                [t for t in g.initializer if t.name in used and t.name not in overrides]
             sub = helper.make_graph(
                 [g.node[k] for k in order], "segment",
                 [helper.make_tensor_value_info(i, _onnx_type(self.cache[0][i]), None)
                  for i in ins],
-                [onnx.ValueInfoProto(name=o) for o in outs],
-                [t for t in g.initializer if t.name in used])
+                [onnx.ValueInfoProto(name=o) for o in outs], weights)
             m = helper.make_model(sub, opset_imports=proto.opset_import,
                                   ir_version=proto.ir_version)
             sess = session_for(m, threads=self.threads)

@@ -686,6 +686,38 @@ def _affected(model, analysis, plan, consumers: list[Consumer]) -> list[int]:
     return out
 
 
+class _Overrides:
+    """Values of the pruned model's initializers that a refit changed: the writer's new
+    weights and biases (original shapes) sliced along the plan's kept indices, and its new
+    bias inputs under the names apply_plan gave them."""
+
+    def __init__(self, model, base, kept):
+        self.model, self.kept, self.values = model, kept, {}
+        by_output = {n.output[0]: n for n in base.graph.node if n.output}
+        self.node_inputs = {model.node_name(n): list(by_output[n.output[0]].input)
+                            for n in model.nodes if n.output and n.output[0] in by_output}
+
+    def _sliced(self, name, arr):
+        for ax in range(arr.ndim):
+            idx = self.kept.get((name, ax))
+            if idx is not None:
+                arr = np.take(arr, idx, axis=ax)
+        return np.ascontiguousarray(arr.astype(self.model.consts.dtype_of(name)))
+
+    def update(self, writer, c) -> None:
+        for name in (c.weight, c.bias):
+            if name is not None and name in writer.work:
+                self.values[name] = self._sliced(name, writer.work[name])
+        key = (c.node, c.bias_add)
+        if key in writer.new_inputs:
+            ins = self.node_inputs.get(c.node, [])
+            if c.bias_add < len(ins) and ins[c.bias_add]:
+                v = writer.new_inputs[key]
+                idx = self.kept.get(writer.dims[key])
+                self.values[ins[c.bias_add]] = np.ascontiguousarray(
+                    (v if idx is None else v[idx]).astype(writer.dtypes[key]))
+
+
 def sequential_updates(ob: "Obspa", plan, start: Updates | None = None, *,
                        samples: int | None = None):
     """Refit, round by round in graph order, every affected layer so that on the pruned
@@ -713,18 +745,26 @@ def sequential_updates(ob: "Obspa", plan, start: Updates | None = None, *,
     # both models run piece by piece: each round computes only the layers between the
     # previous round's inputs and its own (graphs with subgraphs: whole prefixes)
     f_orig = Frontier(model.proto, batches, path=model.path)
-    f_now = Frontier(model.proto, batches, path=model.path)
     first = batches[0] if batches else {}
-    sizes = sorted((_sample_bytes(model, t, first) for t in every), reverse=True)
-    if 2 * n_total * sum(sizes[:4]) > FRONTIER_BYTES:  # too many samples to hold a frontier
+    # the pruned model is built once (its structure, bias inputs included, is the same in
+    # every round); each round's refitted weights reach the pieces still to run as
+    # initializer overrides, sliced like apply_plan slices them
+    base = apply_plan(model, analysis, plan, writer.updates())
+    over = _Overrides(model, base, kept)
+    f_now = Frontier(base, batches, path=model.path)
+    inits = {t.name for t in model.proto.graph.initializer}
+    peak = f_orig.peak_bytes([sorted({consumers[k].x for k in rnd}) for rnd in rounds],
+                             inits, lambda t: _sample_bytes(model, t, first))
+    if 2 * n_total * peak > FRONTIER_BYTES:  # too many samples to hold a frontier
         f_now.ok = False
     for rnd in rounds:
-        current = apply_plan(model, analysis, plan, writer.updates())
         acc: dict[int, list] = {}
         names = sorted({consumers[k].x for k in rnd})
         if f_now.ok:
-            orig_all, now_all = f_orig.compute(model.proto, names), f_now.compute(current, names)
+            orig_all = f_orig.compute(model.proto, names)
+            now_all = f_now.compute(base, names, over.values)
         else:
+            current = apply_plan(model, analysis, plan, writer.updates())
             run_now, run_orig = runner(current, names), runner(model.proto, names)
             orig_all = [run_orig(f) for f in batches]
             now_all = [run_now(f) for f in batches]
@@ -800,6 +840,7 @@ def sequential_updates(ob: "Obspa", plan, start: Updates | None = None, *,
             if c.intercept:
                 Mn[:, c.d] = Wt[:, dt]
             bias = writer.write(c, Mn)
+            over.update(writer, c)
             layers[k] = {"node": c.node, "rows": int(rows),
                          "fit_rel_error": float(np.sqrt(max(e_fit, 0.0) / energy)),
                          "sliced_rel_error": float(np.sqrt(max(e_slice, 0.0) / energy)),
