@@ -305,10 +305,14 @@ def _row_chunks(r: Consumer, x: np.ndarray, pick):
     if r.kind == "conv" and r.mode == "full":
         x = r.part_of(x)
         xp = r.padded(x)
-        idx = np.arange(r.n_rows(x.shape)) if pick is None else pick
         osz = r._out_spatial(x.shape[2:])
-        for s in range(0, len(idx), CHUNK):
-            yield r.unfold(xp, idx[s:s + CHUNK], x.shape[0], osz)
+        if pick is None:  # every row: whole samples at a time (no index arrays)
+            per = max(1, CHUNK // max(1, int(np.prod(osz))))
+            for s in range(0, x.shape[0], per):
+                yield r.unfold(xp[s:s + per], None, min(per, x.shape[0] - s), osz)
+            return
+        for s in range(0, len(pick), CHUNK):
+            yield r.unfold(xp, pick[s:s + CHUNK], x.shape[0], osz)
         return
     rows = r.rows(x, pick)
     for s in range(0, len(rows), CHUNK):

@@ -220,8 +220,7 @@ class Consumer:
         if self.kind == "conv" and self.mode == "full":
             xp = self.padded(x)
             osz = self._out_spatial(x.shape[2:])
-            idx = np.arange(self.n_rows(x.shape)) if pick is None else np.asarray(pick)
-            return self.unfold(xp, idx, x.shape[0], osz)
+            return self.unfold(xp, pick, x.shape[0], osz)
         if self.kind in ("conv", "convT"):
             r = np.moveaxis(x, 1, -1).reshape(-1, self.n_in)
         elif self.kind == "dense":
@@ -238,16 +237,31 @@ class Consumer:
         return np.pad(x, [(0, 0), (0, 0)] + [(self.pads[i], self.pads[i + nd])
                                              for i in range(nd)])
 
-    def unfold(self, xp: np.ndarray, idx: np.ndarray, B: int, osz) -> np.ndarray:
-        """Rows `idx` (sample-major, then output positions) of the padded input unfolded
-        over the kernel: (len(idx), C·k) float32, channel-major like the weight."""
+    def windows(self, xp: np.ndarray, osz) -> np.ndarray:
+        """A strided view (B, C, *out positions, *kernel offsets) of the padded input: the
+        input entry every kernel offset of every output position reads."""
+        nd = len(self.kernel)
+        span = [d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilations)]
+        win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + nd)))
+        return win[(slice(None), slice(None))
+                   + tuple(slice(0, o * s, s) for o, s in zip(osz, self.strides))
+                   + tuple(slice(None, None, d) for d in self.dilations)]
+
+    def unfold(self, xp: np.ndarray, idx: np.ndarray | None, B: int, osz) -> np.ndarray:
+        """Rows `idx` (sample-major, then output positions; None: all) of the padded input
+        unfolded over the kernel: (rows, C·k) float32, channel-major like the weight."""
         C = xp.shape[1]
-        b, *pos = np.unravel_index(idx, [B] + list(osz))
-        base = [p * s for p, s in zip(pos, self.strides)]
-        out = np.empty((len(idx), C, self.kprod), np.float32)
-        for k, off in enumerate(itertools.product(*[range(kk) for kk in self.kernel])):
-            sel = tuple(bb + o * dd for bb, o, dd in zip(base, off, self.dilations))
-            out[:, :, k] = xp[(b, slice(None)) + sel]
+        if idx is None:  # one strided copy per kernel offset
+            out = np.empty((B,) + tuple(osz) + (C, self.kprod), np.float32)
+            offsets = itertools.product(*[range(k) for k in self.kernel])
+            for k, off in enumerate(offsets):
+                sel = tuple(slice(o * d, o * d + (n - 1) * s + 1, s) for o, d, n, s in
+                            zip(off, self.dilations, osz, self.strides))
+                out[..., k] = np.moveaxis(xp[(slice(None), slice(None)) + sel], 1, -1)
+            return out.reshape(-1, C * self.kprod)
+        win = self.windows(xp, osz)
+        b, *pos = np.unravel_index(np.asarray(idx, np.int64), [B] + list(osz))
+        out = np.asarray(win[(b, slice(None)) + tuple(pos)], dtype=np.float32)
         return out.reshape(len(idx), C * self.kprod)
 
 
