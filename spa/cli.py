@@ -1,4 +1,4 @@
-"""`spa analyze | prune | verify | bench | eval | finetune | convert` — exit codes: 0
+"""`spa analyze | prune | verify | bench | eval | finetune | convert | calib` — exit codes: 0
 success, 1 verification failed, 2 usage error, 3 the model (or plan) cannot be processed, 4 the
 pruned model failed the accuracy / deviation gate (--max-drop, --max-deviation; nothing
 written)."""
@@ -654,6 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     ct.set_defaults(fn=cmd_convert)
     _add_convert_jax(cs)
     _add_convert_keras(cs)
+    from . import calib_build
+    calib_build.add_parser(sub)
     return p
 
 
