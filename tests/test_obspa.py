@@ -501,3 +501,25 @@ def test_blas_threads_limited_while_obspa_computes(monkeypatch):
     monkeypatch.setenv("SPA_BLAS_THREADS", "many")
     with pytest.raises(spa.UsageError, match="SPA_BLAS_THREADS='many'"):
         blas_threads()
+
+
+def test_frontier_peak_bytes_counts_the_tensors_held_between_pieces():
+    """peak_bytes walks the pieces without running them: between the two pieces of a chain
+    x -> a -> b -> c (with x also read at the end) it holds x and a (and then b), not every
+    tensor of the graph."""
+    from onnx import TensorProto, helper
+
+    from spa.activations import Frontier
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
+             helper.make_node("Relu", ["b"], ["c"]), helper.make_node("Add", ["c", "x"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                      [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    f = Frontier(proto, [{"x": np.ones((1, 4), np.float32)}])
+    size = {"x": 1, "a": 10, "b": 100, "c": 1000, "y": 10000}
+    assert f.peak_bytes([["a"]], set(), size.get) == 11          # x and a
+    assert f.peak_bytes([["a"], ["b"]], set(), size.get) == 101  # then x and b
+    assert f.peak_bytes([["c"]], set(), size.get) == 1001        # x and c, a and b gone
+    f.compute(proto, ["a"])                                      # nothing was run before
+    assert not f.done[1:].any() and f.done[0]
