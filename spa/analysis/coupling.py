@@ -220,9 +220,10 @@ class Coupler:
         self.roles.setdefault(key, role)
 
     def tag(self, key: DimKey, tag: str) -> None:
-        """Mark a dim with a hint for the selections (several per dim). The one in use:
+        """Mark a dim with a hint for the selections and criteria (several per dim). In use:
         "channel_block" -- the op's fast kernels want this dim's length to be a multiple of
-        the provider's channel block (spa.select.align, `--round-to auto`)."""
+        the provider's channel block (spa.select.align, `--round-to auto`); "norm_scale" --
+        the dim is a normalisation's scale γ (criterion bn_scale)."""
         self.tags.setdefault(key, set()).add(tag)
 
     def literal(self, const_name: str, index: int, key: DimKey) -> None:

@@ -12,9 +12,6 @@ from .core import Context, Criterion, channel_scores, member_scores
 
 #: FPGM: distances of every slice to at most this many reference slices of its member
 FPGM_MAX_REFS = 1024
-#: normalisation layers whose input 1 is a per-channel scale γ
-NORM_OPS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization",
-            "GroupNormalization", "RMSNormalization", "SkipLayerNormalization")
 
 
 def _abs(a, name, ctx):
@@ -86,13 +83,12 @@ def _matrices_only(ctx, key, arr) -> bool:
 # bn_scale: |γ| of the normalisation layers a channel passes through
 
 
-def norm_scales(model) -> set[str]:
-    """Constants that are the scale (γ) input of a normalisation layer."""
-    out = set()
-    for node in model.nodes:
-        if node.op_type in NORM_OPS and len(node.input) > 1 and node.input[1] in model.consts:
-            out.add(node.input[1])
-    return out
+def norm_scales(analysis) -> set[str]:
+    """Constants that are the scale (γ) of a normalisation layer: the dims the rules tag
+    `norm_scale` (spa/ops/norm.py)."""
+    consts = analysis.model.consts
+    return {t for (t, _), tags in analysis.coupler.tags.items()
+            if "norm_scale" in tags and t in consts}
 
 
 def _bn_scale(ctx: Context, how: str) -> np.ndarray:
@@ -100,7 +96,7 @@ def _bn_scale(ctx: Context, how: str) -> np.ndarray:
     channel passes through no normalisation layer (an attention head group, a plain
     Linear) fall back to l1 for all their channels; the plan's notes list them."""
     ana = ctx.analysis
-    scales = norm_scales(ana.model)
+    scales = norm_scales(ana)
     if not scales:
         raise UsageError("criterion 'bn_scale' needs normalisation layers (BatchNormalization, "
                          "LayerNormalization, ...) and the model has none whose scale is a "

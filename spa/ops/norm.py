@@ -6,6 +6,14 @@ from .common import norm_axis, same, touch
 from .registry import rule
 
 
+def _scale(n, c) -> None:
+    """Input 1 of a normalisation is its per-channel scale γ (criterion bn_scale)."""
+    t = n.i(1)
+    if t:
+        for k in range(n.rank(t) or 0):
+            c.tag((t, k), "norm_scale")
+
+
 @rule("BatchNormalization")
 def batch_norm(n, c):
     """BatchNormalization: scale, bias, mean and var follow the channel axis (exact)."""
@@ -15,6 +23,7 @@ def batch_norm(n, c):
         if t:
             c.couple((t, 0), (x, 1))
             c.role((t, 0), "norm")
+    _scale(n, c)
     for t in n.outputs[1:]:
         if t:
             c.freeze((t, 0), "training-mode BatchNormalization statistics")
@@ -29,6 +38,7 @@ def instance_norm(n, c):
         if t:
             c.couple((t, 0), (x, 1))
             c.role((t, 0), "norm")
+    _scale(n, c)
 
 
 @rule("LayerNormalization")
@@ -44,6 +54,7 @@ def layer_norm(n, c):
             for k in range(rt):
                 c.couple((t, k), (x, r - rt + k))
                 c.role((t, k), "norm")
+    _scale(n, c)
     for k in range(axis, r):
         c.approximate((x, k), "LayerNormalization normalises over this axis")
     for t in n.outputs[1:]:  # mean / inv_std_dev: the normalised axes have length 1
@@ -77,4 +88,5 @@ def group_norm(n, c):
             else:
                 c.couple((t, 0), groups)
             c.role((t, 0), "norm")
+    _scale(n, c)
     c.approximate((x, 1), "GroupNormalization normalises over the channels of each group")
