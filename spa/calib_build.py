@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 
@@ -45,6 +44,7 @@ import onnx
 from onnx import TensorProto
 
 from .errors import SpaError, UsageError
+from .ir.model import atomic_output
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                     ".ppm", ".pgm", ".pbm", ".pnm")
@@ -672,13 +672,6 @@ def _check_output(output, inputs) -> None:
                                  "its input", file=os.fspath(output))
 
 
-def _usual_mode(path: str) -> None:
-    """mkstemp creates 0600; the output gets what a plain open() would give."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def write_npz(path, arrays: dict[str, np.ndarray]) -> None:
     """An .npz numpy.load reads, byte-identical for the same arrays: entries in the dict's
     order, uncompressed, with a fixed date and mode set here (numpy.savez gets the same
@@ -688,25 +681,15 @@ def write_npz(path, arrays: dict[str, np.ndarray]) -> None:
     d = os.path.dirname(path)
     if not os.path.isdir(d):
         raise UsageError("the output directory does not exist", file=path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".spa-", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED,
-                                 allowZip64=True) as zf:
-                for name, a in arrays.items():
-                    info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_DATE)
-                    info.compress_type = zipfile.ZIP_STORED
-                    info.create_system = 3
-                    info.external_attr = 0o644 << 16
-                    with zf.open(info, "w", force_zip64=True) as fid:
-                        np.lib.format.write_array(fid, np.ascontiguousarray(a),
-                                                  allow_pickle=False)
-        _usual_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path, ".npz.tmp") as f, \
+            zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, a in arrays.items():
+            info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_STORED
+            info.create_system = 3
+            info.external_attr = 0o644 << 16
+            with zf.open(info, "w", force_zip64=True) as fid:
+                np.lib.format.write_array(fid, np.ascontiguousarray(a), allow_pickle=False)
 
 
 # ------------------------------------------------------------------------------------------

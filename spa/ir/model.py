@@ -9,6 +9,7 @@ unknown, one ONNX Runtime run on dummy inputs fills it in.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -744,10 +745,20 @@ def save_atomic(proto: onnx.ModelProto, path: str, *, external_data: bool | None
     if external_data:
         _save_external(proto, path, data_name)
         return
-    fd, tmp = tempfile.mkstemp(prefix=".spa-", suffix=".onnx.tmp", dir=d)
+    with atomic_output(path, ".onnx.tmp") as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, suffix: str = ".tmp"):
+    """A binary file to write `path` through: a temporary file in the same directory,
+    given the mode a plain open() would, renamed over `path` when the block ends without
+    an exception (removed when it raises)."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".spa-", suffix=suffix, dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
         _usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
