@@ -360,9 +360,12 @@ class Frontier:
         self.ok = not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                           for n in g.node for a in n.attribute)
 
+    def _read_later(self, t: str, done: np.ndarray) -> bool:
+        """Some node not run yet reads tensor `t`."""
+        return any(not done[r] for r in self.readers.get(t, []))
+
     def _segment(self, targets, have: set, inits: set, done: np.ndarray):
-        """The nodes (in graph order) that compute `targets` from what is held, and the
-        tensors held afterwards that not-yet-run nodes still read."""
+        """The nodes (in graph order) that compute `targets` from what is held."""
         seg, todo = set(), [t for t in targets if t not in have]
         while todo:
             t = todo.pop()
@@ -386,10 +389,9 @@ class Frontier:
             order = self._segment(targets, have, inits, done)
             done[order] = True
             have |= {o for k in order for o in self.node_outputs[k]}
-            have = {t for t in have if t in targets or
-                    any(not done[r] for r in self.readers.get(t, []))}
-            peak = max(peak, sum(bytes_of(t) for t in have))
-            have = {t for t in have if any(not done[r] for r in self.readers.get(t, []))}
+            have = {t for t in have if t in targets or self._read_later(t, done)}
+            peak = max(peak, sum(bytes_of(t) for t in have))  # targets are returned too
+            have = {t for t in have if self._read_later(t, done)}
         return peak
 
     def compute(self, proto: onnx.ModelProto, targets: list[str],
@@ -407,7 +409,7 @@ class Frontier:
         ins = sorted({i for k in order for i in self.node_inputs[k]
                       if i not in inits and i not in made})
         self.done[order] = True
-        keep = [t for t in made if any(not self.done[r] for r in self.readers.get(t, []))]
+        keep = [t for t in made if self._read_later(t, self.done)]
         outs = list(dict.fromkeys([t for t in targets if t in made] + keep))
         if order:
             used = {i for k in order for i in self.node_inputs[k]}
@@ -431,7 +433,7 @@ class Frontier:
                 c.update(zip(outs, vals))
         result = [{t: c[t] for t in targets} for c in self.cache]
         stale = [t for t in (self.cache[0] if self.cache else {})
-                 if not any(not self.done[r] for r in self.readers.get(t, []))]
+                 if not self._read_later(t, self.done)]
         for c in self.cache:
             for t in stale:
                 c.pop(t, None)

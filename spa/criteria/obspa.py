@@ -701,17 +701,13 @@ class _Overrides:
         self.node_inputs = {model.node_name(n): list(by_output[n.output[0]].input)
                             for n in model.nodes if n.output and n.output[0] in by_output}
 
-    def _sliced(self, name, arr):
-        for ax in range(arr.ndim):
-            idx = self.kept.get((name, ax))
-            if idx is not None:
-                arr = np.take(arr, idx, axis=ax)
-        return np.ascontiguousarray(arr.astype(self.model.consts.dtype_of(name)))
-
     def update(self, writer, c) -> None:
+        from ..rewrite.apply import take_kept
         for name in (c.weight, c.bias):
             if name is not None and name in writer.work:
-                self.values[name] = self._sliced(name, writer.work[name])
+                dtype = self.model.consts.dtype_of(name)
+                self.values[name] = np.ascontiguousarray(
+                    take_kept(writer.work[name], name, self.kept).astype(dtype))
         key = (c.node, c.bias_add)
         if key in writer.new_inputs:
             ins = self.node_inputs.get(c.node, [])

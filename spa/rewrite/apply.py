@@ -106,6 +106,16 @@ class Shrinker:
         self.proto.graph.initializer.extend(self.new_inits)
 
 
+def take_kept(arr: np.ndarray, name: str, kept: dict) -> np.ndarray:
+    """`arr`, the value of constant `name` in its original shape, sliced along every axis
+    the plan prunes (`kept`: Plan.kept_indices)."""
+    for ax in range(arr.ndim):
+        idx = kept.get((name, ax))
+        if idx is not None:
+            arr = np.take(arr, idx, axis=ax)
+    return arr
+
+
 def _sliced_consts(model, kept: dict, values: dict | None = None) -> dict:
     """Constants with pruned axes, sliced (`values`: replacement values of some constants,
     in their original shapes, e.g. reconstructed weights; they are all returned). Weights
@@ -124,10 +134,8 @@ def _sliced_consts(model, kept: dict, values: dict | None = None) -> dict:
         if ref is not None and t not in model.const_node:
             out[t] = external.pending(ref, sorted(axes, key=lambda a: a[0]))
             continue
-        arr = values.get(t, model.consts[t])
-        for ax, idx in sorted(axes):
-            arr = np.take(arr, idx, axis=ax)
-        out[t] = np.array(arr, order="C", copy=True)
+        out[t] = np.array(take_kept(values.get(t, model.consts[t]), t, kept), order="C",
+                          copy=True)
     return out
 
 
